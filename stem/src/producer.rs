@@ -1,0 +1,232 @@
+//! The producer: turns typed signatures (or a name plus JSON) into envelopes, records them as
+//! queued and publishes them.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::backend::{ResultBackend, TaskState, TaskStatus};
+use crate::broker::Broker;
+use crate::envelope::{DEFAULT_QUEUE, Envelope, MAX_PRIORITY};
+use crate::error::{Error, Result};
+use crate::result::TaskHandle;
+use crate::signals::{AfterPublish, BeforePublish, Signals};
+use crate::task::{EnqueueOptions, Registry, Signature, Task, TaskArgs, TaskOptions};
+
+/// The producer: enqueue tasks and get handles to their results. Cheap to clone.
+#[derive(Clone)]
+pub struct Stem {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    signals: Signals,
+    default_queue: String,
+    registry: Option<Arc<Registry>>,
+}
+
+/// Builder for [`Stem`].
+pub struct StemBuilder {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    signals: Signals,
+    default_queue: String,
+    registry: Option<Arc<Registry>>,
+}
+
+impl StemBuilder {
+    /// Listeners for `BeforePublish` / `AfterPublish` (shared with a worker if you pass the same).
+    pub fn signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
+    }
+
+    /// Queue for tasks that name none (default `"default"`).
+    pub fn default_queue(mut self, queue: impl Into<String>) -> Self {
+        self.default_queue = queue.into();
+        self
+    }
+
+    /// Know the registered tasks: `enqueue_raw` then applies their defaults and refuses
+    /// unknown names.
+    pub fn registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Finish.
+    pub fn build(self) -> Stem {
+        Stem {
+            inner: Arc::new(Inner {
+                broker: self.broker,
+                backend: self.backend,
+                signals: self.signals,
+                default_queue: self.default_queue,
+                registry: self.registry,
+            }),
+        }
+    }
+}
+
+fn after(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .map_or(DateTime::<Utc>::MAX_UTC, |d| now.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC))
+}
+
+impl Stem {
+    /// A producer on `broker` and `backend`.
+    pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
+        Self::builder(broker, backend).build()
+    }
+
+    /// Configure a producer.
+    pub fn builder(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> StemBuilder {
+        StemBuilder {
+            broker,
+            backend,
+            signals: Signals::new(),
+            default_queue: DEFAULT_QUEUE.to_owned(),
+            registry: None,
+        }
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &Arc<dyn ResultBackend> {
+        &self.inner.backend
+    }
+
+    /// The signal listeners.
+    pub fn signals(&self) -> &Signals {
+        &self.inner.signals
+    }
+
+    /// Queue used when neither task nor call names one.
+    pub fn default_queue(&self) -> &str {
+        &self.inner.default_queue
+    }
+
+    /// Build the envelope for a task call: the task's defaults, overridden by the call's options.
+    pub fn envelope<T: Task>(&self, sig: &Signature<T>) -> Result<Envelope> {
+        let args = sig.args.to_json(T::PARAMS)?;
+        Ok(self.build_envelope(T::NAME, args, &T::OPTIONS, &sig.options))
+    }
+
+    fn build_envelope(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+        task: &TaskOptions,
+        call: &EnqueueOptions,
+    ) -> Envelope {
+        let now = Utc::now();
+        let mut env = Envelope::new(name, args);
+        env.created_at = now;
+        if let Some(id) = call.task_id {
+            env.id = id;
+        }
+        env.queue = call
+            .queue
+            .clone()
+            .or_else(|| task.queue.map(str::to_owned))
+            .unwrap_or_else(|| self.inner.default_queue.clone());
+        env.priority = call.priority.unwrap_or(task.priority).min(MAX_PRIORITY);
+        env.max_retries = call.retries.unwrap_or(task.retries);
+        env.not_before = call.eta.or_else(|| call.countdown.map(|d| after(now, d)));
+        env.expires = call.expires_at.or_else(|| call.expires_in.or(task.expires).map(|d| after(now, d)));
+        env.soft_time_limit = call.soft_time_limit.or(task.soft_time_limit);
+        env.hard_time_limit = call.hard_time_limit.or(task.hard_time_limit);
+        env.visibility_timeout = call.visibility_timeout.or(task.visibility_timeout);
+        env.backoff = call.backoff;
+        env.headers.clone_from(&call.headers);
+        env.meta.clone_from(&call.meta);
+        env.parent_id = call.parent_id;
+        env.root_id = call.root_id;
+        env.ignore_result = task.ignore_result;
+        env
+    }
+
+    /// Enqueue one typed task call.
+    pub async fn enqueue<T: Task>(&self, sig: Signature<T>) -> Result<TaskHandle<T::Output>> {
+        let env = self.envelope(&sig)?;
+        let id = env.id;
+        self.publish(vec![env]).await?;
+        Ok(TaskHandle::new(id, Arc::clone(&self.inner.backend)))
+    }
+
+    /// Enqueue many calls of one task in one batch.
+    pub async fn enqueue_many<T: Task>(
+        &self,
+        sigs: impl IntoIterator<Item = Signature<T>>,
+    ) -> Result<Vec<TaskHandle<T::Output>>> {
+        let envs = sigs.into_iter().map(|s| self.envelope(&s)).collect::<Result<Vec<_>>>()?;
+        let handles = envs.iter().map(|e| TaskHandle::new(e.id, Arc::clone(&self.inner.backend))).collect();
+        self.publish(envs).await?;
+        Ok(handles)
+    }
+
+    /// Enqueue a task by name with JSON arguments (an object keyed by parameter name).
+    ///
+    /// With a registry (see [`StemBuilder::registry`]) the task's defaults apply and an unknown
+    /// name is an error here; without one, the envelope is sent as is and a worker that does
+    /// not know the name dead-letters it as `unregistered-task`.
+    pub async fn enqueue_raw(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<TaskHandle<serde_json::Value>> {
+        if !args.is_object() {
+            return Err(Error::Args(crate::task::ArgsError::NotAnObject(match args {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Null => "null",
+                _ => "a scalar",
+            })));
+        }
+        let defaults = match &self.inner.registry {
+            Some(reg) => reg.get(name).ok_or_else(|| Error::UnknownTask(name.to_owned()))?.options,
+            None => TaskOptions::new(),
+        };
+        let env = self.build_envelope(name, args, &defaults, &options);
+        let id = env.id;
+        self.publish(vec![env]).await?;
+        Ok(TaskHandle::new(id, Arc::clone(&self.inner.backend)))
+    }
+
+    /// Record envelopes as queued, then publish them in one batch.
+    ///
+    /// The queued record is written first so a fast worker's outcome can never be overwritten
+    /// by it.
+    pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        let signals = &self.inner.signals;
+        for env in &envelopes {
+            signals.emit(|| BeforePublish { envelope: env.clone() });
+        }
+        let statuses: Vec<_> =
+            envelopes.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+        self.inner.backend.set(&statuses).await?;
+        let published = signals.is_connected::<AfterPublish>().then(|| envelopes.clone());
+        self.inner.broker.publish(envelopes).await?;
+        for envelope in published.into_iter().flatten() {
+            signals.emit(|| AfterPublish { envelope });
+        }
+        Ok(())
+    }
+
+    /// A handle to an existing task id.
+    pub fn handle<T>(&self, id: crate::TaskId) -> TaskHandle<T> {
+        TaskHandle::new(id, Arc::clone(&self.inner.backend))
+    }
+}
+
+impl std::fmt::Debug for Stem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stem").field("default_queue", &self.inner.default_queue).finish_non_exhaustive()
+    }
+}
