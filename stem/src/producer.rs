@@ -210,7 +210,7 @@ impl Stem {
         }
         let statuses: Vec<_> =
             envelopes.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
-        self.inner.backend.set(&statuses).await?;
+        self.inner.backend.set(statuses).await?;
         let published = signals.is_connected::<AfterPublish>().then(|| envelopes.clone());
         self.inner.broker.publish(envelopes).await?;
         for envelope in published.into_iter().flatten() {

@@ -67,7 +67,8 @@ pub async fn publish_consume_ack(h: &impl Harness) {
     b.ack(got.into_iter().map(|d| d.receipt).collect()).await.unwrap();
     let counts = b.counts("q").await.unwrap();
     assert_eq!((counts.pending, counts.in_flight), (0, 0));
-    let again = b.consume(&req(&["q"], 10, Duration::from_secs(30), Duration::from_millis(200))).await.unwrap();
+    let again =
+        b.consume(&req(&["q"], 10, Duration::from_secs(30), Duration::from_millis(200))).await.unwrap();
     assert!(again.is_empty(), "acked deliveries never come back");
 }
 
@@ -105,11 +106,13 @@ pub async fn lease_expiry_redelivers(h: &impl Harness) {
     let b = broker(h).await;
     b.publish(vec![env("q", 1)]).await.unwrap();
     let lease = Duration::from_millis(300);
-    let first = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5)).await;
+    let first =
+        consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5)).await;
     assert_eq!(first.len(), 1);
     let t0 = Instant::now();
     // Not acked: the lease lapses and the task comes back.
-    let again = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(5)), 1, Duration::from_secs(10)).await;
+    let again =
+        consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(5)), 1, Duration::from_secs(10)).await;
     assert_eq!(again.len(), 1, "{}: an expired lease is redelivered", h.name());
     assert!(t0.elapsed() >= Duration::from_millis(150), "not before the lease ran out");
     assert_eq!(again[0].envelope.id, first[0].envelope.id);
@@ -122,13 +125,23 @@ pub async fn stale_receipt_is_refused(h: &impl Harness) {
     let b = broker(h).await;
     b.publish(vec![env("q", 1)]).await.unwrap();
     let lease = Duration::from_millis(200);
-    let old = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5)).await.remove(0);
-    let new = consume_n(&*b, &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(5)), 1, Duration::from_secs(10))
+    let old = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5))
         .await
         .remove(0);
+    let new = consume_n(
+        &*b,
+        &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(5)),
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .remove(0);
     assert_eq!(old.envelope.id, new.envelope.id);
-    assert!(!b.extend_lease(&old.receipt, Duration::from_secs(30)).await.unwrap(), "stale lease cannot be renewed");
-    let mut retry = old.envelope.clone();
+    assert!(
+        !b.extend_lease(&old.receipt, Duration::from_secs(30)).await.unwrap(),
+        "stale lease cannot be renewed"
+    );
+    let mut retry = (*old.envelope).clone();
     retry.attempt += 1;
     assert!(!b.retry(old.receipt.clone(), retry).await.unwrap(), "stale receipt cannot schedule a retry");
     b.ack(vec![old.receipt]).await.unwrap();
@@ -142,7 +155,9 @@ pub async fn renewal_keeps_delivery_hidden_without_duplicating(h: &impl Harness)
     let b = broker(h).await;
     b.publish(vec![env("q", 1)]).await.unwrap();
     let lease = Duration::from_millis(400);
-    let d = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5)).await.remove(0);
+    let d = consume_n(&*b, &req(&["q"], 1, lease, Duration::from_secs(2)), 1, Duration::from_secs(5))
+        .await
+        .remove(0);
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
         assert!(b.extend_lease(&d.receipt, lease).await.unwrap(), "renewal of a live lease succeeds");
@@ -163,9 +178,16 @@ pub async fn delayed_delivery_waits_in_the_store(h: &impl Harness) {
     let c = b.counts("q").await.unwrap();
     assert_eq!((c.pending, c.delayed), (0, 1), "a future task is held by the store, not delivered");
     let t0 = Instant::now();
-    let early = b.consume(&req(&["q"], 1, Duration::from_secs(30), Duration::from_millis(200))).await.unwrap();
+    let early =
+        b.consume(&req(&["q"], 1, Duration::from_secs(30), Duration::from_millis(200))).await.unwrap();
     assert!(early.is_empty());
-    let got = consume_n(&*b, &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(5)), 1, Duration::from_secs(10)).await;
+    let got = consume_n(
+        &*b,
+        &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(5)),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(got.len(), 1);
     assert!(t0.elapsed() >= Duration::from_millis(500), "delivered only when due");
     assert!(t0.elapsed() < Duration::from_secs(6), "delivered promptly once due");
@@ -176,7 +198,7 @@ pub async fn retry_replaces_delivery_with_delayed_envelope(h: &impl Harness) {
     b.publish(vec![env("q", 1)]).await.unwrap();
     let r = req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(2));
     let d = consume_n(&*b, &r, 1, Duration::from_secs(5)).await.remove(0);
-    let mut next = d.envelope.clone();
+    let mut next = (*d.envelope).clone();
     next.attempt = 1;
     next.not_before = Some(Utc::now() + chrono::Duration::milliseconds(500));
     assert!(b.retry(d.receipt, next).await.unwrap());
@@ -197,7 +219,13 @@ pub async fn priorities_order_delivery(h: &impl Harness) {
         envs.push(e);
     }
     b.publish(envs).await.unwrap();
-    let got = consume_n(&*b, &req(&["q"], 6, Duration::from_secs(30), Duration::from_secs(2)), 6, Duration::from_secs(5)).await;
+    let got = consume_n(
+        &*b,
+        &req(&["q"], 6, Duration::from_secs(30), Duration::from_secs(2)),
+        6,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         got.iter().map(n_of).collect::<Vec<_>>(),
         vec![2, 5, 1, 3, 4, 0],
@@ -209,9 +237,21 @@ pub async fn priorities_order_delivery(h: &impl Harness) {
 pub async fn queues_are_separate(h: &impl Harness) {
     let b = broker(h).await;
     b.publish(vec![env("a", 1), env("b", 2)]).await.unwrap();
-    let got = consume_n(&*b, &req(&["a"], 5, Duration::from_secs(30), Duration::from_secs(1)), 5, Duration::from_secs(2)).await;
+    let got = consume_n(
+        &*b,
+        &req(&["a"], 5, Duration::from_secs(30), Duration::from_secs(1)),
+        5,
+        Duration::from_secs(2),
+    )
+    .await;
     assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![1]);
-    let got_b = consume_n(&*b, &req(&["a", "b"], 5, Duration::from_secs(30), Duration::from_secs(1)), 1, Duration::from_secs(3)).await;
+    let got_b = consume_n(
+        &*b,
+        &req(&["a", "b"], 5, Duration::from_secs(30), Duration::from_secs(1)),
+        1,
+        Duration::from_secs(3),
+    )
+    .await;
     assert_eq!(got_b.iter().map(n_of).collect::<Vec<_>>(), vec![2]);
 }
 
@@ -221,7 +261,7 @@ pub async fn dead_letter_lifecycle(h: &impl Harness) {
     let r = req(&["q"], 2, Duration::from_secs(30), Duration::from_secs(2));
     let got = consume_n(&*b, &r, 2, Duration::from_secs(5)).await;
     for d in got {
-        let mut e = d.envelope.clone();
+        let mut e = (*d.envelope).clone();
         e.attempt = 3;
         let detail = format!("boom {}", n_of(&d));
         assert!(b.dead_letter(d.receipt, e, "max-retries-exceeded", detail).await.unwrap());
@@ -236,11 +276,18 @@ pub async fn dead_letter_lifecycle(h: &impl Harness) {
     assert_eq!(one.envelope.as_ref().unwrap().args["n"], 2);
     assert_eq!(b.dlq_list("q", 1, 10).await.unwrap().len(), 1, "offset pages");
     // Replay one with a delay: it waits in the store, then comes back with fresh retries.
-    let replayed = b.dlq_replay("q", std::slice::from_ref(&list[0].id), Some(Duration::from_millis(400))).await.unwrap();
+    let replayed =
+        b.dlq_replay("q", std::slice::from_ref(&list[0].id), Some(Duration::from_millis(400))).await.unwrap();
     assert_eq!(replayed, 1);
     let c = b.counts("q").await.unwrap();
     assert_eq!((c.delayed, c.dead), (1, 1));
-    let back = consume_n(&*b, &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(3)), 1, Duration::from_secs(6)).await;
+    let back = consume_n(
+        &*b,
+        &req(&["q"], 1, Duration::from_secs(30), Duration::from_secs(3)),
+        1,
+        Duration::from_secs(6),
+    )
+    .await;
     assert_eq!(back.len(), 1);
     assert_eq!(n_of(&back[0]), 1);
     assert_eq!(back[0].envelope.attempt, 0, "replay starts over");
@@ -287,14 +334,19 @@ pub async fn namespaces_are_isolated(h: &impl Harness) {
     let b1 = h.broker(&ns1).await;
     let b2 = h.broker(&ns2).await;
     b1.publish(vec![env("q", 1)]).await.unwrap();
-    assert!(b2.consume(&req(&["q"], 1, Duration::from_secs(30), Duration::from_millis(200))).await.unwrap().is_empty());
+    assert!(
+        b2.consume(&req(&["q"], 1, Duration::from_secs(30), Duration::from_millis(200)))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(b2.counts("q").await.unwrap().pending, 0);
     let same = h.broker(&ns1).await;
     assert_eq!(same.counts("q").await.unwrap().pending, 1, "the same namespace sees the same data");
     let k1 = h.backend(&ns1, TTL).await;
     let k2 = h.backend(&ns2, TTL).await;
     let s = status(TaskState::Queued, 0);
-    k1.set(std::slice::from_ref(&s)).await.unwrap();
+    k1.set(vec![s.clone()]).await.unwrap();
     assert!(k2.get(s.id).await.unwrap().is_none());
 }
 
@@ -308,7 +360,7 @@ pub async fn backend_round_trip_and_fencing(h: &impl Harness) {
     let k = h.backend(&namespace(), TTL).await;
     let mut s = status(TaskState::Running, 1);
     s.meta.insert("tenant".into(), json!("acme"));
-    k.set(std::slice::from_ref(&s)).await.unwrap();
+    k.set(vec![s.clone()]).await.unwrap();
     let got = k.get(s.id).await.unwrap().unwrap();
     assert_eq!(got, s, "{}: round trip", h.name());
     let mut done = s.clone();
@@ -320,7 +372,7 @@ pub async fn backend_round_trip_and_fencing(h: &impl Harness) {
     stale.error = Some(TaskFailure::new("boom", "stale", true));
     let mut late_running = s.clone();
     late_running.updated_at = Utc::now();
-    k.set(&[done.clone(), stale, late_running]).await.unwrap();
+    k.set(vec![done.clone(), stale, late_running]).await.unwrap();
     let got = k.get(s.id).await.unwrap().unwrap();
     assert_eq!(got.state, TaskState::Succeeded, "older attempts and late non-terminal writes are fenced out");
     assert_eq!(got.result, done.result);
@@ -332,7 +384,7 @@ pub async fn backend_ttl_expires_records(h: &impl Harness) {
     let ns = namespace();
     let k = h.backend(&ns, Duration::from_secs(1)).await;
     let s = status(TaskState::Succeeded, 0);
-    k.set(std::slice::from_ref(&s)).await.unwrap();
+    k.set(vec![s.clone()]).await.unwrap();
     assert!(k.get(s.id).await.unwrap().is_some());
     let give_up = Instant::now() + Duration::from_secs(6);
     while k.get(s.id).await.unwrap().is_some() {
@@ -346,7 +398,7 @@ pub async fn backend_wait_wakes_on_completion_from_another_handle(h: &impl Harne
     let waiter_side = h.backend(&ns, TTL).await;
     let writer_side = h.backend(&ns, TTL).await;
     let s = status(TaskState::Queued, 0);
-    waiter_side.set(std::slice::from_ref(&s)).await.unwrap();
+    waiter_side.set(vec![s.clone()]).await.unwrap();
     let id = s.id;
     let t0 = Instant::now();
     let waiting = tokio::spawn(async move { waiter_side.wait(id, Duration::from_secs(20)).await.unwrap() });
@@ -354,7 +406,7 @@ pub async fn backend_wait_wakes_on_completion_from_another_handle(h: &impl Harne
     let mut done = s.clone();
     done.state = TaskState::Succeeded;
     done.result = Some(json!(42));
-    writer_side.set(&[done]).await.unwrap();
+    writer_side.set(vec![done]).await.unwrap();
     let got = waiting.await.unwrap().unwrap();
     assert_eq!(got.state, TaskState::Succeeded);
     assert_eq!(got.result, Some(json!(42)));
@@ -369,7 +421,7 @@ pub async fn backend_wait_wakes_on_completion_from_another_handle(h: &impl Harne
 pub async fn backend_wait_times_out_with_latest(h: &impl Harness) {
     let k = h.backend(&namespace(), TTL).await;
     let s = status(TaskState::Running, 0);
-    k.set(std::slice::from_ref(&s)).await.unwrap();
+    k.set(vec![s.clone()]).await.unwrap();
     let t0 = Instant::now();
     let got = k.wait(s.id, Duration::from_millis(300)).await.unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(250));
@@ -380,15 +432,17 @@ pub async fn backend_wait_times_out_with_latest(h: &impl Harness) {
 pub async fn backend_progress_is_stored(h: &impl Harness) {
     let k = h.backend(&namespace(), TTL).await;
     let s = status(TaskState::Running, 0);
-    k.set(std::slice::from_ref(&s)).await.unwrap();
-    k.progress(s.id, Progress { fraction: 0.5, data: Some(json!({"step": "render"})), at: Utc::now() }).await.unwrap();
+    k.set(vec![s.clone()]).await.unwrap();
+    k.progress(s.id, Progress { fraction: 0.5, data: Some(json!({"step": "render"})), at: Utc::now() })
+        .await
+        .unwrap();
     let got = k.get(s.id).await.unwrap().unwrap();
     let p = got.progress.expect("progress stored");
     assert!((p.fraction - 0.5).abs() < 1e-9);
     assert_eq!(p.data, Some(json!({"step": "render"})));
     let mut done = s.clone();
     done.state = TaskState::Succeeded;
-    k.set(&[done]).await.unwrap();
+    k.set(vec![done]).await.unwrap();
     assert!(k.get(s.id).await.unwrap().unwrap().progress.is_some(), "progress survives the final write");
 }
 
@@ -416,8 +470,15 @@ pub async fn group_counts_are_idempotent_per_member(h: &impl Harness) {
     assert!(c.is_done());
     let state = k.group_get(g).await.unwrap().unwrap();
     let results: Vec<_> = state.members.iter().map(|m| m.as_ref().and_then(|m| m.result.clone())).collect();
-    assert_eq!(results, vec![None, Some(json!(10)), Some(json!(20))], "results kept in member order, first write wins");
-    assert!(k.group_record(TaskId::new(), 0, outcome(TaskState::Succeeded, 1)).await.is_err(), "unknown group");
+    assert_eq!(
+        results,
+        vec![None, Some(json!(10)), Some(json!(20))],
+        "results kept in member order, first write wins"
+    );
+    assert!(
+        k.group_record(TaskId::new(), 0, outcome(TaskState::Succeeded, 1)).await.is_err(),
+        "unknown group"
+    );
 }
 
 pub async fn chord_claim_has_exactly_one_winner(h: &impl Harness) {

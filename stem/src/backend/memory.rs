@@ -1,6 +1,6 @@
 //! In-memory result backend: the reference implementation of the backend contract.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use super::{
 use crate::broker::BoxFuture;
 use crate::envelope::TaskId;
 use crate::error::{Error, Result};
+
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 /// How often expired entries are swept (lazily, on writes).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -56,10 +58,10 @@ impl MemoryBackend {
             inner: Arc::new(Inner {
                 ttl,
                 state: Mutex::new(State {
-                    records: HashMap::new(),
-                    waiters: HashMap::new(),
-                    groups: HashMap::new(),
-                    workers: HashMap::new(),
+                    records: HashMap::default(),
+                    waiters: HashMap::default(),
+                    groups: HashMap::default(),
+                    workers: HashMap::default(),
                     last_sweep: Instant::now(),
                 }),
             }),
@@ -88,21 +90,22 @@ impl State {
 }
 
 impl ResultBackend for MemoryBackend {
-    fn set<'a>(&'a self, statuses: &'a [TaskStatus]) -> BoxFuture<'a, Result<()>> {
+    fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let now = Instant::now();
             let expires = now + self.inner.ttl;
-            let mut st = self.inner.state.lock();
+            let mut guard = self.inner.state.lock();
+            let st = &mut *guard;
             st.sweep(now);
-            for status in statuses {
-                let mut status = status.clone();
-                if let Some(current) = st.live(&status.id, now) {
+            for mut status in statuses {
+                let mut slot = st.records.get_mut(&status.id).filter(|(_, exp)| *exp > now);
+                if let Some((current, _)) = slot.as_deref_mut() {
                     if !status.may_replace(current) {
                         continue;
                     }
                     if status.progress.is_none() {
                         // Keep the last reported progress across state changes.
-                        status.progress.clone_from(&current.progress);
+                        status.progress = current.progress.take();
                     }
                 }
                 if status.state.is_terminal() && !st.waiters.is_empty() {
@@ -112,7 +115,15 @@ impl ResultBackend for MemoryBackend {
                         }
                     }
                 }
-                st.records.insert(status.id, (status, expires));
+                match slot {
+                    Some((current, exp)) => {
+                        *current = status;
+                        *exp = expires;
+                    }
+                    None => {
+                        st.records.insert(status.id, (status, expires));
+                    }
+                }
             }
             Ok(())
         })

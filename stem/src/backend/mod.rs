@@ -104,7 +104,7 @@ pub struct WorkerHeartbeat {
 /// idempotent per member index; `chord_claim` returns `true` to exactly one caller.
 pub trait ResultBackend: Send + Sync + 'static {
     /// Write records (in order); each is dropped if fenced out by the stored one.
-    fn set<'a>(&'a self, statuses: &'a [TaskStatus]) -> BoxFuture<'a, Result<()>>;
+    fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>>;
 
     /// Read one record.
     fn get(&self, id: TaskId) -> BoxFuture<'_, Result<Option<TaskStatus>>>;

@@ -121,7 +121,7 @@ pub struct TaskStatus {
     pub updated_at: DateTime<Utc>,
     /// Worker that wrote the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker_id: Option<String>,
+    pub worker_id: Option<std::sync::Arc<str>>,
     /// Last progress report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,

@@ -1,7 +1,7 @@
 //! In-memory broker: the reference implementation of the broker contract, for tests, demos and
 //! single-process apps. Nothing survives the process.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use super::{BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, Receipt};
 use crate::envelope::{Envelope, MAX_PRIORITY};
 use crate::error::Result;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 const LEVELS: usize = MAX_PRIORITY as usize + 1;
 
@@ -48,18 +50,18 @@ struct QueueState {
     /// One FIFO per priority level.
     ready: [VecDeque<Ready>; LEVELS],
     /// Keyed by due instant, then publish order.
-    delayed: BTreeMap<(Instant, u64), Envelope>,
+    delayed: BTreeMap<(Instant, u64), Arc<Envelope>>,
     dead: VecDeque<DeadLetter>,
     in_flight: u64,
 }
 
 struct Ready {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     deliveries: u32,
 }
 
 struct InFlight {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     queue: Arc<str>,
     deadline: Instant,
     deliveries: u32,
@@ -95,9 +97,9 @@ impl State {
         let q = self.queue_mut(&envelope.queue);
         if delay.is_zero() {
             let level = usize::from(envelope.priority.min(MAX_PRIORITY));
-            q.ready[level].push_back(Ready { envelope, deliveries });
+            q.ready[level].push_back(Ready { envelope: Arc::new(envelope), deliveries });
         } else {
-            q.delayed.insert((now + delay, seq), envelope);
+            q.delayed.insert((now + delay, seq), Arc::new(envelope));
         }
     }
 
@@ -155,8 +157,9 @@ impl State {
                     let deadline = now + lease;
                     q.in_flight += 1;
                     out.push(Delivery {
-                        envelope: ready.envelope.clone(),
-                        receipt: Receipt { queue: Arc::clone(&qname), tag: tag.to_string(), lease: tag },
+                        envelope: Arc::clone(&ready.envelope),
+                        // The lease number identifies the delivery; no tag string is needed.
+                        receipt: Receipt { queue: Arc::clone(&qname), tag: String::new(), lease: tag },
                         redelivered: ready.deliveries > 0,
                     });
                     self.leases.insert((deadline, tag), ());
@@ -355,7 +358,8 @@ impl Broker for MemoryBroker {
             let Some(f) = st.finish(&receipt) else {
                 return Ok(false);
             };
-            st.push_dead(&f.queue, DeadLetterParts { reason, detail, envelope: Some(envelope) });
+            drop(f);
+            st.push_dead(&receipt.queue, DeadLetterParts { reason, detail, envelope: Some(envelope) });
             Ok(true)
         })
     }

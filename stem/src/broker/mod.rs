@@ -52,8 +52,8 @@ pub struct Receipt {
 /// One leased envelope.
 #[derive(Clone, Debug)]
 pub struct Delivery {
-    /// The task.
-    pub envelope: Envelope,
+    /// The task (shared: the worker hands it to the task context without copying).
+    pub envelope: Arc<Envelope>,
     /// What to hand back.
     pub receipt: Receipt,
     /// Whether this task was delivered before (its earlier lease expired or was released).

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 
 use super::{Signature, Task, TaskError};
 use crate::backend::Progress;
@@ -26,7 +28,9 @@ struct Inner {
     envelope: Arc<Envelope>,
     worker_id: Arc<str>,
     producer: Option<Stem>,
-    cancel: CancellationToken,
+    /// Cancellation lives inline (flag + notify) so a context costs one allocation.
+    cancelled: AtomicBool,
+    cancel_notify: Notify,
     lease: Option<Lease>,
 }
 
@@ -37,19 +41,14 @@ pub(crate) struct Lease {
 }
 
 impl TaskContext {
-    pub(crate) fn new(
-        envelope: Arc<Envelope>,
-        worker_id: Arc<str>,
-        producer: Stem,
-        cancel: CancellationToken,
-        lease: Lease,
-    ) -> Self {
+    pub(crate) fn new(envelope: Arc<Envelope>, worker_id: Arc<str>, producer: Stem, lease: Lease) -> Self {
         TaskContext {
             inner: Arc::new(Inner {
                 envelope,
                 worker_id,
                 producer: Some(producer),
-                cancel,
+                cancelled: AtomicBool::new(false),
+                cancel_notify: Notify::new(),
                 lease: Some(lease),
             }),
         }
@@ -63,7 +62,8 @@ impl TaskContext {
                 envelope: Arc::new(envelope),
                 worker_id: Arc::from("detached"),
                 producer: None,
-                cancel: CancellationToken::new(),
+                cancelled: AtomicBool::new(false),
+                cancel_notify: Notify::new(),
                 lease: None,
             }),
         }
@@ -111,12 +111,18 @@ impl TaskContext {
 
     /// Whether the task was asked to stop (soft time limit, revoke).
     pub fn is_cancelled(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.cancelled.load(Ordering::Acquire)
     }
 
     /// Resolves when the task is asked to stop; `select!` on it in long loops.
     pub async fn cancelled(&self) {
-        self.inner.cancel.cancelled().await;
+        loop {
+            let notified = self.inner.cancel_notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Report progress (`fraction` in 0.0..=1.0, clamped) with optional details.
@@ -154,7 +160,8 @@ impl TaskContext {
     }
 
     pub(crate) fn cancel(&self) {
-        self.inner.cancel.cancel();
+        self.inner.cancelled.store(true, Ordering::Release);
+        self.inner.cancel_notify.notify_waiters();
     }
 }
 

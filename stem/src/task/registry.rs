@@ -1,7 +1,6 @@
 //! Which task names this process can run: `#[task]` entries collected by `inventory`, plus
 //! explicit `Registry::register::<T>()` calls.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -109,7 +108,7 @@ pub enum RegistryError {
 /// names it, add `use my_tasks as _;`.
 #[derive(Default, Clone)]
 pub struct Registry {
-    entries: HashMap<&'static str, TaskEntry>,
+    entries: std::collections::HashMap<&'static str, TaskEntry, foldhash::fast::RandomState>,
     errors: Vec<RegistryError>,
 }
 

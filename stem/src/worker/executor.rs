@@ -5,13 +5,13 @@ use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::{TaskFailure, TaskState, TaskStatus};
 use crate::broker::{Delivery, REASON_INVALID_ARGS, REASON_UNREGISTERED, Receipt};
@@ -39,7 +39,7 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
     if redelivered {
         tracing::debug!(task = %envelope.task, id = %envelope.id, "redelivered");
     }
-    let env = Arc::new(envelope);
+    let env = envelope;
     let record = prepare_and_run(&shared, env, receipt).await;
     if shared.record_tx.send(record).await.is_err() {
         tracing::error!(worker = %shared.worker_id, "recorder stopped; outcome dropped, the delivery will be redelivered");
@@ -49,13 +49,13 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
 }
 
 fn finished(status: Option<TaskStatus>, receipt: Receipt, action: Action) -> Record {
-    Record::Finished { status, receipt, action }
+    Record::Finished { status: status.map(Box::new), receipt, action }
 }
 
-fn failed_status(env: &Envelope, worker: &str, failure: TaskFailure) -> TaskStatus {
+fn failed_status(env: &Envelope, worker: &Arc<str>, failure: TaskFailure) -> TaskStatus {
     let mut s = TaskStatus::for_envelope(env, TaskState::Failed);
     s.error = Some(failure);
-    s.worker_id = Some(worker.to_owned());
+    s.worker_id = Some(Arc::clone(worker));
     s
 }
 
@@ -64,10 +64,10 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
     let signals = &shared.signals;
     signals.emit(|| TaskReceived { envelope: Arc::clone(&env), worker_id: Arc::clone(worker_id) });
 
-    if env.is_expired(Utc::now()) {
+    if env.expires.is_some() && env.is_expired(Utc::now()) {
         let mut status = TaskStatus::for_envelope(&env, TaskState::Cancelled);
         status.error = Some(TaskFailure::new("expired", format!("task expired at {:?}", env.expires), false));
-        status.worker_id = Some(worker_id.to_string());
+        status.worker_id = Some(Arc::clone(worker_id));
         signals.emit(|| TaskRevoked {
             envelope: Arc::clone(&env),
             worker_id: Arc::clone(worker_id),
@@ -98,13 +98,11 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
         }
     }
 
-    let cancel = CancellationToken::new();
     let lease_length = env.visibility_timeout.unwrap_or(shared.config.visibility_timeout);
     let ctx = TaskContext::new(
         Arc::clone(&env),
         Arc::clone(worker_id),
         shared.producer.clone(),
-        cancel,
         Lease { broker: Arc::clone(&shared.broker), receipt: receipt.clone(), length: lease_length },
     );
     let fut = match entry.start(ctx.clone(), &env.args) {
@@ -129,17 +127,10 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
     };
 
     let started_at = Utc::now();
-    if shared.config.track_started {
-        let mut status = TaskStatus::for_envelope(&env, TaskState::Running);
-        status.started_at = Some(started_at);
-        status.worker_id = Some(worker_id.to_string());
-        // Best effort and batched with other records; the final record carries started_at too.
-        let _ = shared.record_tx.send(Record::Started(status)).await;
-    }
     signals.emit(|| TaskPrerun { envelope: Arc::clone(&env), worker_id: Arc::clone(worker_id) });
 
     let clock = Instant::now();
-    let run = supervise(shared, fut, &env, &ctx, &receipt, lease_length).await;
+    let run = supervise(shared, fut, &env, &ctx, &receipt, lease_length, started_at).await;
     let duration = clock.elapsed();
     drop(ctx);
 
@@ -149,7 +140,7 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
     };
     let mut status = TaskStatus::for_envelope(&env, TaskState::Succeeded);
     status.started_at = Some(started_at);
-    status.worker_id = Some(worker_id.to_string());
+    status.worker_id = Some(Arc::clone(worker_id));
     let (record, state) = match outcome {
         Ok(value) => {
             signals.emit(|| TaskSucceeded {
@@ -221,14 +212,16 @@ fn on_error(
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
+fn panicked(env: &Envelope, panic: &(dyn Any + Send)) -> TaskError {
+    let message = if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
         "task panicked".to_owned()
-    }
+    };
+    tracing::error!(task = %env.task, id = %env.id, panic = %message, "task panicked");
+    TaskError::new(KIND_PANIC, format!("task panicked: {message}"))
 }
 
 /// Drive the task future while enforcing the hard limit, firing the soft limit, renewing the
@@ -240,9 +233,21 @@ async fn supervise(
     ctx: &TaskContext,
     receipt: &Receipt,
     lease: Duration,
+    started_at: chrono::DateTime<Utc>,
 ) -> Run {
     let fut = AssertUnwindSafe(fut).catch_unwind();
     tokio::pin!(fut);
+    // A task that finishes on its first poll is never observably running: skip that record.
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Run::Done(out.unwrap_or_else(|panic| Err(panicked(env, &*panic))));
+    }
+    if shared.config.track_started {
+        let mut status = TaskStatus::for_envelope(env, TaskState::Running);
+        status.started_at = Some(started_at);
+        status.worker_id = Some(Arc::clone(&shared.worker_id));
+        // Batched with other records; the final record carries started_at too.
+        let _ = shared.record_tx.send(Record::Started(Box::new(status))).await;
+    }
     let start = Instant::now();
     let hard_at = env.hard_time_limit.map(|d| start + d);
     let mut soft_at = env.soft_time_limit.map(|d| start + d);
@@ -255,16 +260,7 @@ async fn supervise(
         let next = [hard_at, soft_at, Some(renew_at)].into_iter().flatten().min().unwrap_or(renew_at);
         tokio::select! {
             biased;
-            out = &mut fut => {
-                return Run::Done(match out {
-                    Ok(r) => r,
-                    Err(panic) => {
-                        let message = panic_message(&*panic);
-                        tracing::error!(task = %env.task, id = %env.id, panic = %message, "task panicked");
-                        Err(TaskError::new(KIND_PANIC, message))
-                    }
-                });
-            }
+            out = &mut fut => return Run::Done(out.unwrap_or_else(|panic| Err(panicked(env, &*panic)))),
             () = &mut release => return Run::Released,
             () = tokio::time::sleep_until(next) => {
                 let now = Instant::now();

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -14,14 +13,13 @@ use crate::envelope::Envelope;
 use super::Shared;
 
 const MAX_BATCH: usize = 512;
-const WRITE_ATTEMPTS: u32 = 5;
 
 /// One message to the recorder.
 pub(crate) enum Record {
     /// A task started (state `running`); no broker action.
-    Started(TaskStatus),
+    Started(Box<TaskStatus>),
     /// An attempt ended.
-    Finished { status: Option<TaskStatus>, receipt: Receipt, action: Action },
+    Finished { status: Option<Box<TaskStatus>>, receipt: Receipt, action: Action },
 }
 
 /// What the broker does with a finished delivery once its status is stored.
@@ -64,24 +62,19 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Record>) {
     }
 }
 
-async fn write_statuses(shared: &Shared, statuses: &[TaskStatus]) -> bool {
+/// Write the batch's records. On failure nothing is acked: the deliveries' leases lapse and
+/// the tasks are redelivered, so a backend outage costs a rerun, never a lost result.
+async fn write_statuses(shared: &Shared, statuses: Vec<TaskStatus>) -> bool {
     if statuses.is_empty() {
         return true;
     }
-    let mut pause = Duration::from_millis(50);
-    for attempt in 1..=WRITE_ATTEMPTS {
-        match shared.backend.set(statuses).await {
-            Ok(()) => return true,
-            Err(e) => {
-                tracing::warn!(worker = %shared.worker_id, error = %e, attempt, "recording task states failed");
-                if attempt < WRITE_ATTEMPTS {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
-            }
+    match shared.backend.set(statuses).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(worker = %shared.worker_id, error = %e, "recording task states failed");
+            false
         }
     }
-    false
 }
 
 async fn process(shared: &Shared, batch: Vec<Record>) {
@@ -89,15 +82,14 @@ async fn process(shared: &Shared, batch: Vec<Record>) {
     let mut finished_records = Vec::with_capacity(batch.len());
     for record in batch {
         match record {
-            Record::Started(s) => statuses.push(s),
+            Record::Started(s) => statuses.push(*s),
             Record::Finished { status, receipt, action } => {
-                statuses.extend(status);
+                statuses.extend(status.map(|s| *s));
                 finished_records.push((receipt, action));
             }
         }
     }
-    let recorded = write_statuses(shared, &statuses).await;
-    drop(statuses);
+    let recorded = write_statuses(shared, statuses).await;
 
     let mut acks = Vec::new();
     let mut finished = 0u64;
