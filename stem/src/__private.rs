@@ -16,6 +16,7 @@ use std::future::Future;
     note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or use an owned, serializable type"
 )]
 pub trait TaskArg {}
+#[diagnostic::do_not_recommend]
 impl<T> TaskArg for T where T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
 
 /// Marks a type usable as a task output.
@@ -25,6 +26,7 @@ impl<T> TaskArg for T where T: serde::Serialize + serde::de::DeserializeOwned + 
     note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`"
 )]
 pub trait TaskOutput {}
+#[diagnostic::do_not_recommend]
 impl<T> TaskOutput for T where T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
 
 /// Compile-time check for an argument type (called in generated code, never at run time).
@@ -42,3 +44,48 @@ pub fn assert_send<F: Future + Send>(f: F) -> F {
 pub fn ok<T>(value: T) -> Result<T, TaskError> {
     Ok(value)
 }
+
+/// `#[task]` names each argument type as `<T as Checked<{ check_arg::<T>() }>>::Ty` (and the
+/// output through `check_output`). That is `T` when the check passes; when it fails, rustc
+/// reports one error (the `TaskArg` message, at the user's type) and the projection becomes an
+/// error type, which silences the follow-up errors in the `Task` impl.
+pub trait Checked<const OK: usize> {
+    /// The checked type itself.
+    type Ty: ?Sized;
+}
+impl<T: ?Sized> Checked<0> for T {
+    type Ty = T;
+}
+
+/// Compile-time check for an argument type; see [`Checked`].
+pub const fn check_arg<T: TaskArg + ?Sized>() -> usize {
+    0
+}
+
+/// Compile-time check for an output type; see [`Checked`].
+pub const fn check_output<T: TaskOutput + ?Sized>() -> usize {
+    0
+}
+
+/// `#[task]` registration: `inventory::submit!` when the `auto-register` feature is on.
+///
+/// A proc macro cannot see this crate's features, so it always calls this macro, which is
+/// defined one way or the other here.
+#[cfg(feature = "auto-register")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __stem_submit_task {
+    ($($entry:tt)*) => {
+        $crate::__private::inventory::submit! { $($entry)* }
+    };
+}
+
+/// `#[task]` registration: nothing, because the `auto-register` feature is off.
+#[cfg(not(feature = "auto-register"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __stem_submit_task {
+    ($($entry:tt)*) => {};
+}
+
+pub use crate::__stem_submit_task as submit_task;
