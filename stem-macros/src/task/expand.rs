@@ -60,8 +60,10 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
         Output::Unit => (quote!(()), quote!(#p::ok)),
         Output::Plain(ty) => (checked(&p, ty, quote!(check_output)), quote!(#p::ok)),
         Output::Result(ty) => {
-            let inner: Type = syn::parse_quote_spanned!(ty.span()=> <#ty as #p::IntoTaskResult>::Output);
-            (checked(&p, &inner, quote!(check_output)), quote!(#p::IntoTaskResult::into_task_result))
+            // Point a failed check at `T` in `Result<T, E>` when it is written out.
+            let span = first_type_arg(ty).map_or_else(|| ty.span(), |t| t.span());
+            let inner: Type = syn::parse_quote_spanned!(span=> <#ty as #p::IntoTaskResult>::Output);
+            (checked_at(&p, &inner, quote!(check_output), span), quote!(#p::IntoTaskResult::into_task_result))
         }
     };
 
@@ -128,7 +130,12 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
 /// `<ty as Checked<{ check::<ty>() }>>::Ty`. A failing check is one error at the user's type,
 /// and the type becomes an error type so the `Task` impl adds no follow-up errors.
 fn checked(p: &TokenStream, ty: &Type, check: TokenStream) -> TokenStream {
-    quote_spanned! {ty.span()=>
+    checked_at(p, ty, check, ty.span())
+}
+
+/// [`checked`], with the check's tokens spanned at `span`.
+fn checked_at(p: &TokenStream, ty: &Type, check: TokenStream, span: Span) -> TokenStream {
+    quote_spanned! {span=>
         <#ty as #p::Checked<{ #p::#check::<#ty>() }>>::Ty
     }
 }
@@ -158,6 +165,16 @@ fn setter(p: &TokenStream, setting: &Setting) -> TokenStream {
 fn spanned_lit(mut lit: Literal, span: Span) -> TokenStream {
     lit.set_span(span);
     lit.into_token_stream()
+}
+
+/// `T` in `Result<T, E>` (or in an alias `MyResult<T>`).
+fn first_type_arg(ty: &Type) -> Option<&Type> {
+    let Type::Path(p) = ty else { return None };
+    let syn::PathArguments::AngleBracketed(args) = &p.path.segments.last()?.arguments else { return None };
+    args.args.iter().find_map(|a| match a {
+        syn::GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })
 }
 
 /// Whether the type is spelled `String` (`new` then takes `impl Into<String>`).

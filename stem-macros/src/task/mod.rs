@@ -18,7 +18,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         Ok(func) => func,
         Err(_) => {
             let err = syn::Error::new(
-                proc_macro2::Span::call_site(),
+                item_start(&item),
                 "`#[task]` goes on an `async fn`, e.g. `#[task] async fn add(a: i64, b: i64) -> i64`",
             );
             return with_errors(item, err);
@@ -42,6 +42,24 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             syn::Error::new(proc_macro2::Span::call_site(), "`#[task]` could not read this function"),
         ),
     }
+}
+
+/// The first token of `item` after its attributes (`struct`, `pub`, ..), for errors about
+/// the item as a whole.
+fn item_start(item: &TokenStream) -> proc_macro2::Span {
+    use proc_macro2::TokenTree;
+    let mut tokens = item.clone().into_iter().peekable();
+    while let Some(TokenTree::Punct(p)) = tokens.peek() {
+        if p.as_char() != '#' {
+            break;
+        }
+        tokens.next();
+        if matches!(tokens.peek(), Some(TokenTree::Punct(p)) if p.as_char() == '!') {
+            tokens.next();
+        }
+        tokens.next();
+    }
+    tokens.next().map_or_else(proc_macro2::Span::call_site, |t| t.span())
 }
 
 /// The item unchanged, followed by the errors (tokio's `token_stream_with_error`).

@@ -56,7 +56,7 @@ pub(crate) fn check<'a>(func: &'a ItemFn, errors: &mut Errors) -> Option<TaskSig
     if let Some(abi) = &sig.abi {
         errs.at(abi, "`#[task]` functions cannot be `extern`");
     }
-    if sig.asyncness.is_none() {
+    if sig.asyncness.is_none() && sig.constness.is_none() {
         errs.at(&sig.fn_token, "`#[task]` functions must be `async`: write `async fn`");
     }
     if !sig.generics.params.is_empty() {
@@ -127,6 +127,14 @@ pub(crate) fn check<'a>(func: &'a ItemFn, errors: &mut Errors) -> Option<TaskSig
                     bad,
                     "a task cannot return `impl Trait`: name the output type, it is decoded from JSON",
                 );
+                Output::Unit
+            } else if let Some(borrow) = find_borrow(ty) {
+                let message = "task outputs must be owned because they are stored as JSON; \
+                               return e.g. `String` instead of `&str`";
+                match borrow {
+                    Borrow::Reference(r) => errs.at(r, message),
+                    Borrow::Lifetime(l) => errs.at(l, message),
+                }
                 Output::Unit
             } else if is_result(ty) {
                 Output::Result(ty)
