@@ -7,7 +7,43 @@ use proc_macro::TokenStream;
 
 mod task;
 
-/// Turn an `async fn` into a Stem task. See the `stem` crate docs.
+/// Turn an `async fn` into a Stem task.
+///
+/// The function stays as written. Next to it the macro adds a braced struct of the same name
+/// (types and functions live in different namespaces) that implements `stem::Task`, a
+/// constructor `name::new(args..)` returning a typed `stem::Signature`, and, with the
+/// `auto-register` feature, an entry that `Registry::from_inventory()` finds.
+///
+/// ```ignore
+/// use stem::{TaskContext, TaskError, task};
+///
+/// #[task(name = "math.add", retries = 3, queue = "math")]
+/// pub async fn add(ctx: TaskContext, a: i64, b: i64) -> Result<i64, TaskError> {
+///     Ok(a + b)
+/// }
+///
+/// // app.enqueue(add::new(1, 2)).await?
+/// ```
+///
+/// The function must be a non-generic `async fn` without `self`. An optional first parameter
+/// of type `TaskContext` gives access to the running task; every other parameter is an owned
+/// type implementing `Serialize + DeserializeOwned + Send + 'static` (they travel as a JSON
+/// object keyed by parameter name). A `Result<T, E>` return (or an alias named `..Result`)
+/// with `E: Into<TaskError>` can fail; any other return type always succeeds.
+///
+/// Options:
+///
+/// | option | value | |
+/// |---|---|---|
+/// | `name` | `"str"` | registered name; default `module_path!()::fn_name`, so moving the function renames it |
+/// | `retries` | integer | retries after the first attempt |
+/// | `queue` | `"str"` | queue to publish to |
+/// | `priority` | integer `0..=9` | higher runs first |
+/// | `soft_time_limit`, `hard_time_limit`, `visibility_timeout`, `expires`, `backoff_base`, `backoff_max` | `"500ms"`, `"30s"`, `"5m"`, `"1h"` or an integer (seconds) | durations |
+/// | `backoff_jitter`, `ignore_result` | `true` / `false` (a bare key means `true`) | |
+/// | `rate_limit` | `"N/s"`, `"N/m"` or `"N/h"` | at most N starts per period |
+/// | `retry_for` | `["kind", ..]` | only retry errors of these kinds |
+/// | `crate` | `"path"` | path to `stem` when it is re-exported, e.g. `"my_facade::stem"` |
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     task::expand(attr.into(), item.into()).into()

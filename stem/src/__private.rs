@@ -67,6 +67,28 @@ pub const fn check_output<T: TaskOutput + ?Sized>() -> usize {
     0
 }
 
+/// What a task function returning a `Result` (or a type named `..Result`) must return.
+#[diagnostic::on_unimplemented(
+    message = "the error type of `{Self}` does not convert into `TaskError`",
+    label = "the error type must implement `Into<TaskError>`",
+    note = "implement `std::error::Error + Send + Sync + 'static` for the error type, or return `Result<T, TaskError>`",
+    note = "`#[task]` treats a return type whose name ends in `Result` as a `Result`"
+)]
+pub trait TaskResult {}
+#[diagnostic::do_not_recommend]
+impl<T, E: Into<TaskError>> TaskResult for Result<T, E> {}
+
+/// Compile-time check for a `Result` return type; see [`Checked`].
+pub const fn check_result<R: TaskResult + ?Sized>() -> usize {
+    0
+}
+
+/// Converts the function's `Result` into the task's (the type is named by the caller, so a
+/// failed [`check_result`] leaves an error type here and no second error).
+pub fn into_result<R: IntoTaskResult>(result: R) -> Result<R::Output, TaskError> {
+    result.into_task_result()
+}
+
 /// `#[task]` registration: `inventory::submit!` when the `auto-register` feature is on.
 ///
 /// A proc macro cannot see this crate's features, so it always calls this macro, which is

@@ -60,10 +60,15 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
         Output::Unit => (quote!(()), quote!(#p::ok)),
         Output::Plain(ty) => (checked(&p, ty, quote!(check_output)), quote!(#p::ok)),
         Output::Result(ty) => {
-            // Point a failed check at `T` in `Result<T, E>` when it is written out.
-            let span = first_type_arg(ty).map_or_else(|| ty.span(), |t| t.span());
-            let inner: Type = syn::parse_quote_spanned!(span=> <#ty as #p::IntoTaskResult>::Output);
-            (checked_at(&p, &inner, quote!(check_output), span), quote!(#p::IntoTaskResult::into_task_result))
+            // Point failed checks at `T` and `E` in `Result<T, E>` when they are written out.
+            let (ok_span, err_span) = match type_args(ty).as_slice() {
+                [ok, err, ..] => (ok.span(), err.span()),
+                [ok] => (ok.span(), ty.span()),
+                [] => (ty.span(), ty.span()),
+            };
+            let result = checked_at(&p, ty, quote!(check_result), err_span);
+            let inner: Type = syn::parse_quote_spanned!(ok_span=> <#result as #p::IntoTaskResult>::Output);
+            (checked_at(&p, &inner, quote!(check_output), ok_span), quote!(#p::into_result::<#result>))
         }
     };
 
@@ -167,14 +172,19 @@ fn spanned_lit(mut lit: Literal, span: Span) -> TokenStream {
     lit.into_token_stream()
 }
 
-/// `T` in `Result<T, E>` (or in an alias `MyResult<T>`).
-fn first_type_arg(ty: &Type) -> Option<&Type> {
-    let Type::Path(p) = ty else { return None };
-    let syn::PathArguments::AngleBracketed(args) = &p.path.segments.last()?.arguments else { return None };
-    args.args.iter().find_map(|a| match a {
-        syn::GenericArgument::Type(t) => Some(t),
-        _ => None,
-    })
+/// The type arguments of the last segment: `[T, E]` in `Result<T, E>`, `[T]` in `MyResult<T>`.
+fn type_args(ty: &Type) -> Vec<&Type> {
+    let Type::Path(p) = ty else { return Vec::new() };
+    let Some(syn::PathArguments::AngleBracketed(args)) = p.path.segments.last().map(|s| &s.arguments) else {
+        return Vec::new();
+    };
+    args.args
+        .iter()
+        .filter_map(|a| match a {
+            syn::GenericArgument::Type(t) => Some(t),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Whether the type is spelled `String` (`new` then takes `impl Into<String>`).
@@ -246,7 +256,7 @@ mod tests {
             ),
             "{out}"
         );
-        assert!(out.contains("IntoTaskResult :: into_task_result"), "{out}");
+        assert!(out.contains("facade :: stem :: __private :: into_result :: <"), "{out}");
         assert!(!out.replace("facade :: stem", "").contains("stem ::"), "{out}");
     }
 }

@@ -57,7 +57,7 @@ pub(crate) fn check<'a>(func: &'a ItemFn, errors: &mut Errors) -> Option<TaskSig
         errs.at(abi, "`#[task]` functions cannot be `extern`");
     }
     if sig.asyncness.is_none() && sig.constness.is_none() {
-        errs.at(&sig.fn_token, "`#[task]` functions must be `async`: write `async fn`");
+        errs.at(sig.fn_token, "`#[task]` functions must be `async`: write `async fn`");
     }
     if !sig.generics.params.is_empty() {
         errs.at(&sig.generics,
