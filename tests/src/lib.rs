@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod contract;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

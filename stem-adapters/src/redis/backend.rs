@@ -1,0 +1,466 @@
+//! The Redis result backend: status records as strings with a TTL written by a fencing Lua
+//! script, progress beside them, terminal writes published for `wait`, group counters and the
+//! chord claim in Lua, heartbeats in a hash with an expiry index.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use stem::TaskId;
+use stem::backend::{
+    GroupCounts, GroupState, MemberOutcome, Progress, ResultBackend, TaskState, TaskStatus, WorkerHeartbeat,
+};
+use stem::broker::BoxFuture;
+use stem::{Error, Result};
+use tokio::sync::{OnceCell, mpsc, oneshot};
+
+use super::RedisConnection;
+use super::keys::Keys;
+use super::scripts::{self, Eval};
+
+/// Most records written by one script call.
+const SET_CHUNK: usize = 2_000;
+
+fn err(e: impl Into<stem::error::BoxError>) -> Error {
+    Error::backend(e)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A result backend on Redis. Cheap to clone; clones share connections and waiters.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("namespace", &self.inner.keys.namespace())
+            .field("ttl", &self.inner.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+type Waiter = (u64, oneshot::Sender<TaskStatus>);
+
+struct Inner {
+    conn: RedisConnection,
+    keys: Keys,
+    ttl: Duration,
+    /// Tasks being waited on here, each with its waiters.
+    waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
+    next_waiter: AtomicU64,
+    /// The pub/sub connection, opened on the first `wait`.
+    pubsub: OnceCell<ConnectionManager>,
+    /// Channels subscribed; changed only under this lock so (un)subscribes never interleave.
+    subscribed: tokio::sync::Mutex<HashSet<TaskId>>,
+}
+
+impl RedisBackend {
+    /// A backend in `namespace` on `conn` keeping records for `ttl`.
+    pub fn new(conn: RedisConnection, namespace: &str, ttl: Duration) -> Self {
+        RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                keys: Keys::new(namespace),
+                ttl,
+                waiters: Mutex::new(HashMap::new()),
+                next_waiter: AtomicU64::new(0),
+                pubsub: OnceCell::new(),
+                subscribed: tokio::sync::Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// The key names this backend uses.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+}
+
+/// `"<attempt>:<terminal>|<json>"` → the JSON part.
+fn record_json(stored: &[u8]) -> &[u8] {
+    match stored.iter().position(|b| *b == b'|') {
+        Some(i) => &stored[i + 1..],
+        None => stored,
+    }
+}
+
+fn decode_status(json: &[u8], progress: Option<&[u8]>) -> Result<TaskStatus> {
+    let mut status: TaskStatus = serde_json::from_slice(json)?;
+    if let Some(p) = progress {
+        let p: Progress = serde_json::from_slice(p)?;
+        if p.at > status.updated_at {
+            status.updated_at = p.at;
+        }
+        status.progress = Some(p);
+    }
+    Ok(status)
+}
+
+impl Inner {
+    fn cmd(&self) -> ConnectionManager {
+        self.conn.commands()
+    }
+
+    fn eval(&self, script: &'static std::sync::LazyLock<redis::Script>) -> Eval {
+        let mut e = Eval::new(script);
+        e.arg(self.keys.namespace());
+        e
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskStatus>> {
+        let (record, progress): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
+            .arg(self.keys.record(id))
+            .arg(self.keys.progress(id))
+            .query_async(&mut self.cmd())
+            .await
+            .map_err(err)?;
+        record.map(|r| decode_status(record_json(&r), progress.as_deref())).transpose()
+    }
+
+    async fn pubsub(self: &Arc<Self>) -> Result<ConnectionManager> {
+        let conn = self
+            .pubsub
+            .get_or_try_init(|| async {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let conn = self.conn.pubsub(tx).await.map_err(err)?;
+                tokio::spawn(pushes(Arc::downgrade(self), rx));
+                Ok::<_, Error>(conn)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Make the subscription to `id`'s channel match whether anybody here waits for it.
+    async fn sync_subscription(self: &Arc<Self>, id: TaskId) -> Result<()> {
+        let mut conn = self.pubsub().await?;
+        let mut subscribed = self.subscribed.lock().await;
+        let wanted = self.waiters.lock().contains_key(&id);
+        match (wanted, subscribed.contains(&id)) {
+            (true, false) => {
+                conn.subscribe(self.keys.done(id)).await.map_err(err)?;
+                subscribed.insert(id);
+            }
+            (false, true) => {
+                subscribed.remove(&id);
+                conn.unsubscribe(self.keys.done(id)).await.map_err(err)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn remove_waiter(&self, id: TaskId, token: u64) {
+        let mut waiters = self.waiters.lock();
+        if let Some(list) = waiters.get_mut(&id) {
+            list.retain(|(t, _)| *t != token);
+            if list.is_empty() {
+                waiters.remove(&id);
+            }
+        }
+    }
+
+    fn wake(&self, id: TaskId, status: &TaskStatus) -> bool {
+        let Some(list) = self.waiters.lock().remove(&id) else {
+            return false;
+        };
+        for (_, tx) in list {
+            let _ = tx.send(status.clone());
+        }
+        true
+    }
+
+    /// Drop the subscription for `id` in the background once nobody waits for it.
+    fn unsubscribe_later(self: &Arc<Self>, id: TaskId) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = this.sync_subscription(id).await {
+                tracing::debug!(error = %e, "unsubscribe failed");
+            }
+        });
+    }
+
+    async fn wait(self: &Arc<Self>, id: TaskId, timeout: Duration) -> Result<Option<TaskStatus>> {
+        let (tx, rx) = oneshot::channel();
+        let token = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.waiters.lock().entry(id).or_default().push((token, tx));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let ready = async {
+            self.sync_subscription(id).await?;
+            // Read after subscribing: a completion between the two is seen either way.
+            self.get(id).await
+        };
+        let current = match tokio::time::timeout_at(deadline, ready).await {
+            Ok(Ok(current)) => current,
+            Ok(Err(e)) => {
+                self.remove_waiter(id, token);
+                self.unsubscribe_later(id);
+                return Err(e);
+            }
+            Err(_) => {
+                self.remove_waiter(id, token);
+                self.unsubscribe_later(id);
+                return self.get(id).await;
+            }
+        };
+        if current.as_ref().is_some_and(|s| s.state.is_terminal()) {
+            self.remove_waiter(id, token);
+            self.unsubscribe_later(id);
+            return Ok(current);
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(status)) => {
+                self.unsubscribe_later(id);
+                Ok(Some(status))
+            }
+            _ => {
+                self.remove_waiter(id, token);
+                self.unsubscribe_later(id);
+                self.get(id).await
+            }
+        }
+    }
+
+    /// After a reconnect, completions published while the link was down are lost: re-read
+    /// every awaited record once the connection (and its resubscriptions) is back.
+    async fn recheck_after_reconnect(self: Arc<Self>) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let Some(mut conn) = self.pubsub.get().cloned() else {
+                return;
+            };
+            if redis::cmd("PING").query_async::<()>(&mut conn).await.is_ok() {
+                break;
+            }
+            if self.waiters.lock().is_empty() {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        let ids: Vec<TaskId> = self.waiters.lock().keys().copied().collect();
+        for id in ids {
+            match self.get(id).await {
+                Ok(Some(s)) if s.state.is_terminal() => {
+                    if self.wake(id, &s) {
+                        self.unsubscribe_later(id);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, task = %id, "re-reading a waited-for record failed"),
+            }
+        }
+    }
+}
+
+/// Route pub/sub pushes to waiters; ends when the backend is dropped.
+async fn pushes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) {
+    while let Some(push) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match push.kind {
+            PushKind::Message => on_message(&inner, &push.data),
+            PushKind::Disconnection => {
+                tracing::debug!("result backend pub/sub connection lost; reconnecting");
+                tokio::spawn(Arc::clone(&inner).recheck_after_reconnect());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn on_message(inner: &Arc<Inner>, data: &[Value]) {
+    let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.first(), data.get(1))
+    else {
+        return;
+    };
+    let prefix = inner.keys.done_prefix();
+    let Some(id) = channel
+        .strip_prefix(prefix.as_bytes())
+        .and_then(|id| std::str::from_utf8(id).ok())
+        .and_then(|id| id.parse::<TaskId>().ok())
+    else {
+        return;
+    };
+    let (json, progress) = match payload.iter().position(|b| *b == b'\n') {
+        Some(i) => (&payload[..i], Some(&payload[i + 1..])),
+        None => (&payload[..], None),
+    };
+    match decode_status(json, progress) {
+        Ok(status) => {
+            if inner.wake(id, &status) {
+                inner.unsubscribe_later(id);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, task = %id, "undecodable completion message"),
+    }
+}
+
+fn group_state(id: TaskId, fields: HashMap<String, Vec<u8>>) -> Result<Option<GroupState>> {
+    let num = |k: &str| -> usize {
+        fields.get(k).and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    if !fields.contains_key("total") {
+        return Ok(None);
+    }
+    let total = num("total");
+    let mut members: Vec<Option<MemberOutcome>> = vec![None; total];
+    for (k, v) in &fields {
+        let Some(index) = k.strip_prefix('m').and_then(|i| i.parse::<usize>().ok()) else {
+            continue;
+        };
+        if let Some(slot) = members.get_mut(index) {
+            *slot = Some(serde_json::from_slice(v)?);
+        }
+    }
+    Ok(Some(GroupState {
+        id,
+        members,
+        counts: GroupCounts { total, succeeded: num("s"), failed: num("f") },
+        claimed: fields.contains_key("claimed"),
+    }))
+}
+
+impl ResultBackend for RedisBackend {
+    fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let ttl = millis(inner.ttl);
+            let mut id_buf = [0u8; 36];
+            for chunk in statuses.chunks(SET_CHUNK) {
+                let mut e = inner.eval(&scripts::SET_STATUS);
+                e.arg(ttl);
+                for s in chunk {
+                    // Same text as the id's Display, without an allocation.
+                    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
+                        .arg(s.attempt)
+                        .arg(u8::from(s.state.is_terminal()))
+                        .arg(u8::from(s.progress.is_some()))
+                        .arg(serde_json::to_vec(s)?);
+                }
+                e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn get(&self, id: TaskId) -> BoxFuture<'_, Result<Option<TaskStatus>>> {
+        Box::pin(self.inner.get(id))
+    }
+
+    fn wait(&self, id: TaskId, timeout: Duration) -> BoxFuture<'_, Result<Option<TaskStatus>>> {
+        Box::pin(self.inner.wait(id, timeout))
+    }
+
+    fn progress(&self, id: TaskId, progress: Progress) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut e = inner.eval(&scripts::PROGRESS);
+            e.arg(millis(inner.ttl)).arg(id.to_string()).arg(serde_json::to_vec(&progress)?);
+            e.run::<()>(&mut inner.cmd()).await.map_err(err)
+        })
+    }
+
+    fn forget(&self, id: TaskId) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            redis::cmd("DEL")
+                .arg(inner.keys.record(id))
+                .arg(inner.keys.progress(id))
+                .query_async::<()>(&mut inner.cmd())
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn group_init(&self, group: TaskId, total: usize) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut e = inner.eval(&scripts::GROUP_INIT);
+            e.arg(millis(inner.ttl)).arg(group.to_string()).arg(total);
+            e.run::<()>(&mut inner.cmd()).await.map_err(err)
+        })
+    }
+
+    fn group_record(
+        &self,
+        group: TaskId,
+        index: usize,
+        outcome: MemberOutcome,
+    ) -> BoxFuture<'_, Result<GroupCounts>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut e = inner.eval(&scripts::GROUP_RECORD);
+            e.arg(group.to_string())
+                .arg(index)
+                .arg(u8::from(outcome.state == TaskState::Succeeded))
+                .arg(serde_json::to_vec(&outcome)?);
+            let counts: Vec<i64> = e.run(&mut inner.cmd()).await.map_err(err)?;
+            match counts.as_slice() {
+                [-1] => Err(err(format!("group {group} does not exist or has expired"))),
+                [-2] => Err(err(format!("group {group} has no member {index}"))),
+                [total, s, f] => Ok(GroupCounts {
+                    total: usize::try_from(*total).unwrap_or(0),
+                    succeeded: usize::try_from(*s).unwrap_or(0),
+                    failed: usize::try_from(*f).unwrap_or(0),
+                }),
+                other => Err(err(format!("unexpected group counters {other:?}"))),
+            }
+        })
+    }
+
+    fn group_get(&self, group: TaskId) -> BoxFuture<'_, Result<Option<GroupState>>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+                .arg(inner.keys.group(group))
+                .query_async(&mut inner.cmd())
+                .await
+                .map_err(err)?;
+            group_state(group, fields)
+        })
+    }
+
+    fn chord_claim(&self, group: TaskId) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut e = inner.eval(&scripts::CHORD_CLAIM);
+            e.arg(group.to_string());
+            let won: i64 = e.run(&mut inner.cmd()).await.map_err(err)?;
+            Ok(won == 1)
+        })
+    }
+
+    fn heartbeat(&self, heartbeat: WorkerHeartbeat, ttl: Duration) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut e = inner.eval(&scripts::HEARTBEAT);
+            e.arg(&heartbeat.worker_id).arg(serde_json::to_vec(&heartbeat)?).arg(millis(ttl));
+            e.run::<()>(&mut inner.cmd()).await.map_err(err)
+        })
+    }
+
+    fn workers(&self) -> BoxFuture<'_, Result<Vec<WorkerHeartbeat>>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let found: Vec<Option<Vec<u8>>> =
+                inner.eval(&scripts::WORKERS).run(&mut inner.cmd()).await.map_err(err)?;
+            let mut out = found
+                .into_iter()
+                .flatten()
+                .map(|j| serde_json::from_slice::<WorkerHeartbeat>(&j))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+            Ok(out)
+        })
+    }
+}

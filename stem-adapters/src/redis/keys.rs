@@ -1,0 +1,122 @@
+//! Key names. Every key starts with the namespace, so deployments sharing one Redis never see
+//! each other's data. The Lua scripts build the same names from the namespace (see
+//! `scripts/common.lua`); this module is the reference for both.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{ns}:q:{queue}:{priority}` | stream, group `stem` | ready and in-flight envelopes (field `e`, optional lease ms `v`) |
+//! | `{ns}:l:{queue}` | sorted set | leases: member `{priority}:{entry id}`, score = deadline ms (0 = released) |
+//! | `{ns}:d:{queue}` | sorted set | delayed envelopes: member `{priority}\|{lease ms}\|{json}`, score = due ms |
+//! | `{ns}:dlq:{queue}` | hash | dead letters: DLQ id → `DeadLetter` JSON |
+//! | `{ns}:dlqi:{queue}` | sorted set | DLQ ids in order (score = id) |
+//! | `{ns}:dlq-seq` | string | DLQ id counter |
+//! | `{ns}:bc:{channel}` | stream, one group per subscriber | broadcast messages |
+//! | `{ns}:r:{task id}` | string, TTL | status record: `{attempt}:{terminal 0/1}\|{json}` |
+//! | `{ns}:p:{task id}` | string, TTL | last progress report |
+//! | `{ns}:done:{task id}` | pub/sub channel | terminal records, for `wait` |
+//! | `{ns}:g:{group id}` | hash, TTL | group: `total`, `s`, `f`, `claimed`, `m{index}` → outcome |
+//! | `{ns}:workers`, `{ns}:workers:exp` | hash, sorted set | heartbeats and their expiry |
+
+use stem::TaskId;
+
+/// The consumer group every queue stream has.
+pub const GROUP: &str = "stem";
+
+/// Key names of one namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Keys under `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Keys { ns: namespace.to_owned() }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Stream of `queue` at `priority` (0–9).
+    pub fn stream(&self, queue: &str, priority: u8) -> String {
+        format!("{}:q:{queue}:{priority}", self.ns)
+    }
+
+    /// Lease sorted set of `queue`.
+    pub fn leases(&self, queue: &str) -> String {
+        format!("{}:l:{queue}", self.ns)
+    }
+
+    /// Delayed sorted set of `queue`.
+    pub fn delayed(&self, queue: &str) -> String {
+        format!("{}:d:{queue}", self.ns)
+    }
+
+    /// DLQ hash of `queue`.
+    pub fn dlq(&self, queue: &str) -> String {
+        format!("{}:dlq:{queue}", self.ns)
+    }
+
+    /// DLQ order index of `queue`.
+    pub fn dlq_index(&self, queue: &str) -> String {
+        format!("{}:dlqi:{queue}", self.ns)
+    }
+
+    /// Broadcast stream of `channel`.
+    pub fn broadcast(&self, channel: &str) -> String {
+        format!("{}:bc:{channel}", self.ns)
+    }
+
+    /// Status record of a task.
+    pub fn record(&self, id: TaskId) -> String {
+        format!("{}:r:{id}", self.ns)
+    }
+
+    /// Progress of a task.
+    pub fn progress(&self, id: TaskId) -> String {
+        format!("{}:p:{id}", self.ns)
+    }
+
+    /// Prefix of the per-task completion channels.
+    pub fn done_prefix(&self) -> String {
+        format!("{}:done:", self.ns)
+    }
+
+    /// Completion channel of a task.
+    pub fn done(&self, id: TaskId) -> String {
+        format!("{}:done:{id}", self.ns)
+    }
+
+    /// Group hash.
+    pub fn group(&self, id: TaskId) -> String {
+        format!("{}:g:{id}", self.ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_starts_with_the_namespace() {
+        let k = Keys::new("acme");
+        let id = TaskId::new();
+        for key in [
+            k.stream("q", 9),
+            k.leases("q"),
+            k.delayed("q"),
+            k.dlq("q"),
+            k.dlq_index("q"),
+            k.broadcast("c"),
+            k.record(id),
+            k.progress(id),
+            k.done(id),
+            k.group(id),
+        ] {
+            assert!(key.starts_with("acme:"), "{key}");
+        }
+        assert_eq!(k.stream("emails", 3), "acme:q:emails:3");
+    }
+}

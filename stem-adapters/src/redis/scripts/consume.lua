@@ -1,0 +1,147 @@
+-- consume: ARGV = ns, consumer, max, default_lease_ms, nqueues, queue...
+-- 1. promote due delayed envelopes into their streams;
+-- 2. per priority 9..0 and per queue in order: first expired/released leases (XCLAIM, new
+--    token), then new entries (XREADGROUP >), until `max` deliveries;
+-- 3. record a lease (deadline) for every delivery.
+-- Returns {n, (queue_index, tag, token, has_envelope, payload) * n}; when n = 0 it returns
+-- {0, ms_until_next_due_or_-1, last_generated_id per stream (priority 9..0, queue order)}.
+local consumer = ARGV[2]
+local max = tonumber(ARGV[3])
+local dlease = tonumber(ARGV[4])
+local nq = tonumber(ARGV[5])
+local queues = {}
+for i = 1, nq do queues[i] = ARGV[5 + i] end
+local now = now_ms()
+
+for i = 1, nq do
+  local q = queues[i]
+  local dk = k_delayed(q)
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, 1000)
+  if #due > 0 then
+    for _, m in ipairs(due) do
+      local p, vis, env = string.match(m, '^(%d)|(%d*)|(.*)$')
+      if not p then p, vis, env = '0', '', m end
+      store(q, p, 0, vis, env, now)
+    end
+    redis.call('ZREMRANGEBYRANK', dk, 0, #due - 1)
+  end
+end
+
+local out = {0}
+local n = 0
+local leases = {}
+local expired = {}
+for i = 1, nq do
+  leases[i] = {}
+  local byp = {}
+  local ex = redis.call('ZRANGEBYSCORE', k_leases(queues[i]), '-inf', now, 'LIMIT', 0, max)
+  for _, m in ipairs(ex) do
+    local p = string.sub(m, 1, 1)
+    if not byp[p] then byp[p] = {} end
+    table.insert(byp[p], string.sub(m, 3))
+  end
+  expired[i] = byp
+end
+
+local function deliver(i, p, entry, token)
+  local id = entry[1]
+  local fields = entry[2]
+  local env, vis = nil, nil
+  for f = 1, #fields, 2 do
+    if fields[f] == 'e' then env = fields[f + 1] elseif fields[f] == 'v' then vis = tonumber(fields[f + 1]) end
+  end
+  local tag = p .. ':' .. id
+  local l = leases[i]
+  l[#l + 1] = now + (vis or dlease)
+  l[#l + 1] = tag
+  n = n + 1
+  out[#out + 1] = i
+  out[#out + 1] = tag
+  out[#out + 1] = token
+  if env then
+    out[#out + 1] = 1
+    out[#out + 1] = env
+  else
+    out[#out + 1] = 0
+    out[#out + 1] = table.concat(fields, ' ')
+  end
+end
+
+for p = 9, 0, -1 do
+  local ps = tostring(p)
+  for i = 1, nq do
+    if n >= max then break end
+    local q = queues[i]
+    local sk = k_stream(q, ps)
+    local ids = expired[i][ps]
+    if ids then
+      for _, id in ipairs(ids) do
+        if n >= max then break end
+        local got = redis.call('XCLAIM', sk, G, consumer, 0, id)
+        if got[1] then
+          local pe = redis.call('XPENDING', sk, G, id, id, 1)
+          local token = 1
+          if pe[1] then token = tonumber(pe[1][4]) end
+          deliver(i, ps, got[1], token)
+        else
+          -- The entry is gone (deleted behind our back): forget its lease.
+          redis.call('ZREM', k_leases(q), ps .. ':' .. id)
+          redis.call('XACK', sk, G, id)
+        end
+      end
+    end
+    if n < max and redis.call('XLEN', sk) > 0 then
+      local r = redis.pcall('XREADGROUP', 'GROUP', G, consumer, 'COUNT', max - n, 'STREAMS', sk, '>')
+      if type(r) == 'table' and r.err then
+        -- The group vanished (e.g. deleted by hand): recreate it and read again.
+        redis.pcall('XGROUP', 'CREATE', sk, G, '0')
+        r = redis.call('XREADGROUP', 'GROUP', G, consumer, 'COUNT', max - n, 'STREAMS', sk, '>')
+      end
+      if r then
+        for _, e in ipairs(r[1][2]) do deliver(i, ps, e, 1) end
+      end
+    end
+  end
+end
+
+for i = 1, nq do
+  local l = leases[i]
+  local lk = k_leases(queues[i])
+  for s = 1, #l, 2000 do
+    redis.call('ZADD', lk, unpack(l, s, math.min(s + 1999, #l)))
+  end
+end
+
+if n > 0 then
+  out[1] = n
+  return out
+end
+
+-- Nothing ready: say when something may become ready and where to block.
+local next_due = -1
+for i = 1, nq do
+  local q = queues[i]
+  for _, k in ipairs({k_delayed(q), k_leases(q)}) do
+    local first = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+    if first[2] then
+      local d = tonumber(first[2]) - now
+      if d < 0 then d = 0 end
+      if next_due < 0 or d < next_due then next_due = d end
+    end
+  end
+end
+out[2] = next_due
+for p = 9, 0, -1 do
+  for i = 1, nq do
+    local sk = k_stream(queues[i], tostring(p))
+    local last = '0-0'
+    if redis.call('EXISTS', sk) == 1 then
+      local info = redis.call('XINFO', 'STREAM', sk)
+      for f = 1, #info, 2 do
+        if info[f] == 'last-generated-id' then last = info[f + 1] end
+      end
+    end
+    out[#out + 1] = last
+  end
+end
+return out

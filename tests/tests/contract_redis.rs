@@ -1,0 +1,4 @@
+//! The adapter contract suite on the Redis broker and backend (needs a Redis server: see
+//! `stem_tests::redis`).
+
+stem_tests::contract_tests!(stem_tests::redis::RedisHarness::new());
