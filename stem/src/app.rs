@@ -3,11 +3,16 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
-use crate::backend::{MemoryBackend, ResultBackend};
-use crate::broker::{Broker, MemoryBroker};
+#[cfg(feature = "auto-register")]
+use crate::backend::MemoryBackend;
+use crate::backend::ResultBackend;
+use crate::broker::Broker;
+#[cfg(feature = "auto-register")]
+use crate::broker::MemoryBroker;
 use crate::error::Result;
 use crate::producer::Stem;
 use crate::signals::Signals;
+use crate::store::{MemoryRevokeStore, MemoryUniqueStore};
 use crate::task::Registry;
 use crate::worker::{Worker, WorkerConfig, WorkerHandle};
 
@@ -47,12 +52,17 @@ impl StemApp {
             }
         }
         let signals = Signals::new();
+        // One process: in-memory revoke and unique stores are shared by producer and worker.
+        let revokes = Arc::new(MemoryRevokeStore::new());
         let stem = Stem::builder(Arc::clone(&broker), Arc::clone(&backend))
             .signals(signals.clone())
             .registry(Arc::clone(&registry))
+            .revoke_store(revokes.clone())
+            .unique_store(Arc::new(MemoryUniqueStore::new()))
             .build();
         let worker = Worker::builder(broker, backend)
             .registry(Arc::clone(&registry))
+            .revoke_store(revokes)
             .signals(signals)
             .producer(stem.clone())
             .config(config)

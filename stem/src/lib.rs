@@ -34,6 +34,7 @@ pub mod prelude;
 pub mod producer;
 pub mod result;
 pub mod signals;
+pub mod store;
 pub mod task;
 pub mod worker;
 

@@ -11,6 +11,7 @@ use crate::envelope::{DEFAULT_QUEUE, Envelope, MAX_PRIORITY};
 use crate::error::{Error, Result};
 use crate::result::TaskHandle;
 use crate::signals::{AfterPublish, BeforePublish, Signals};
+use crate::store::{Revocation, RevokeStore, UniqueStore};
 use crate::task::{EnqueueOptions, Registry, Signature, Task, TaskArgs, TaskOptions};
 
 /// The producer: enqueue tasks and get handles to their results. Cheap to clone.
@@ -25,7 +26,12 @@ struct Inner {
     signals: Signals,
     default_queue: String,
     registry: Option<Arc<Registry>>,
+    unique: Option<Arc<dyn UniqueStore>>,
+    revokes: Option<Arc<dyn RevokeStore>>,
 }
+
+/// How long a revoke is remembered (longer than any sensible task lifetime).
+pub const REVOKE_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Builder for [`Stem`].
 pub struct StemBuilder {
@@ -34,6 +40,8 @@ pub struct StemBuilder {
     signals: Signals,
     default_queue: String,
     registry: Option<Arc<Registry>>,
+    unique: Option<Arc<dyn UniqueStore>>,
+    revokes: Option<Arc<dyn RevokeStore>>,
 }
 
 impl StemBuilder {
@@ -56,6 +64,18 @@ impl StemBuilder {
         self
     }
 
+    /// Store for `unique_for` claims (without one, `unique_for` is an error at enqueue).
+    pub fn unique_store(mut self, store: Arc<dyn UniqueStore>) -> Self {
+        self.unique = Some(store);
+        self
+    }
+
+    /// Store for [`Stem::revoke`] (share it with the workers).
+    pub fn revoke_store(mut self, store: Arc<dyn RevokeStore>) -> Self {
+        self.revokes = Some(store);
+        self
+    }
+
     /// Finish.
     pub fn build(self) -> Stem {
         Stem {
@@ -65,6 +85,8 @@ impl StemBuilder {
                 signals: self.signals,
                 default_queue: self.default_queue,
                 registry: self.registry,
+                unique: self.unique,
+                revokes: self.revokes,
             }),
         }
     }
@@ -89,6 +111,8 @@ impl Stem {
             signals: Signals::new(),
             default_queue: DEFAULT_QUEUE.to_owned(),
             registry: None,
+            unique: None,
+            revokes: None,
         }
     }
 
@@ -155,9 +179,41 @@ impl Stem {
     /// Enqueue one typed task call.
     pub async fn enqueue<T: Task>(&self, sig: Signature<T>) -> Result<TaskHandle<T::Output>> {
         let env = self.envelope(&sig)?;
+        let window = sig.options.unique_for.or(T::OPTIONS.unique_for);
+        if let Some(existing) = self.claim_unique(&env, window).await? {
+            return Ok(TaskHandle::new(existing, Arc::clone(&self.inner.backend)));
+        }
         let id = env.id;
         self.publish(vec![env]).await?;
         Ok(TaskHandle::new(id, Arc::clone(&self.inner.backend)))
+    }
+
+    /// For a unique call, claim its key; returns the id of the task that already holds it.
+    async fn claim_unique(
+        &self,
+        env: &Envelope,
+        window: Option<std::time::Duration>,
+    ) -> Result<Option<crate::TaskId>> {
+        let Some(window) = window else { return Ok(None) };
+        let Some(store) = &self.inner.unique else {
+            return Err(Error::Config(format!(
+                "task `{}` asks for unique_for but the producer has no unique store",
+                env.task
+            )));
+        };
+        // serde_json writes object keys in sorted order, so equal arguments give equal keys.
+        let key = format!("{}:{}:{}", env.queue, env.task, serde_json::to_string(&env.args)?);
+        store.claim(&key, env.id, window).await
+    }
+
+    /// Revoke a task: it will never start, and with `terminate` a worker running it cancels it.
+    /// Needs a revoke store shared with the workers.
+    pub async fn revoke(&self, id: crate::TaskId, terminate: bool, reason: impl Into<String>) -> Result<()> {
+        let Some(store) = &self.inner.revokes else {
+            return Err(Error::Config("the producer has no revoke store".to_owned()));
+        };
+        let revocation = Revocation { task_id: id, terminate, reason: reason.into(), at: Utc::now() };
+        store.revoke(revocation, REVOKE_TTL).await
     }
 
     /// Enqueue many calls of one task in one batch.
@@ -194,6 +250,9 @@ impl Stem {
             None => TaskOptions::new(),
         };
         let env = self.build_envelope(name, args, &defaults, &options);
+        if let Some(existing) = self.claim_unique(&env, options.unique_for.or(defaults.unique_for)).await? {
+            return Ok(TaskHandle::new(existing, Arc::clone(&self.inner.backend)));
+        }
         let id = env.id;
         self.publish(vec![env]).await?;
         Ok(TaskHandle::new(id, Arc::clone(&self.inner.backend)))

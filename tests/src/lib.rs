@@ -8,6 +8,8 @@
 
 pub mod contract;
 pub mod redis;
+pub mod store_contract;
+pub mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,6 +105,83 @@ macro_rules! contract_tests {
             async fn $name() {
                 let harness = $harness;
                 $crate::contract::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+/// Opens the coordination stores of one adapter (same namespace rules as [`Harness`]).
+pub trait StoreHarness: Send + Sync + 'static {
+    /// Adapter name for messages.
+    fn name(&self) -> &'static str;
+    /// The stores in `namespace`.
+    fn stores(&self, namespace: &str) -> BoxFuture<'_, Stores>;
+}
+
+/// One adapter's coordination stores.
+pub struct Stores {
+    pub locks: Arc<dyn stem::store::LockStore>,
+    pub revokes: Arc<dyn stem::store::RevokeStore>,
+    pub rate_limiter: Arc<dyn stem::store::RateLimiter>,
+    pub unique: Arc<dyn stem::store::UniqueStore>,
+}
+
+#[derive(Default)]
+struct MemoryStores {
+    locks: stem::store::MemoryLockStore,
+    revokes: stem::store::MemoryRevokeStore,
+    rate: stem::store::MemoryRateLimiter,
+    unique: stem::store::MemoryUniqueStore,
+}
+
+/// In-memory stores, one set per namespace.
+#[derive(Default)]
+pub struct MemoryStoreHarness {
+    sets: Mutex<HashMap<String, Arc<MemoryStores>>>,
+}
+
+impl MemoryStoreHarness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl StoreHarness for MemoryStoreHarness {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn stores(&self, namespace: &str) -> BoxFuture<'_, Stores> {
+        let set = self.sets.lock().unwrap().entry(namespace.to_owned()).or_default().clone();
+        Box::pin(async move {
+            Stores {
+                locks: Arc::new(set.locks.clone()),
+                revokes: Arc::new(set.revokes.clone()),
+                rate_limiter: Arc::new(set.rate.clone()),
+                unique: Arc::new(set.unique.clone()),
+            }
+        })
+    }
+}
+
+/// Expands to one `#[tokio::test]` per store contract check.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($harness:expr) => {
+        $crate::store_contract_tests!(@each $harness;
+            lock_ownership_and_expiry,
+            revokes_persist_across_handles,
+            rate_limit_is_shared_by_two_workers,
+            unique_claims_return_the_existing_task,
+            revoked_task_never_starts_and_terminate_cancels_a_running_one
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::store_contract::$name(&harness).await;
             }
         )*
     };

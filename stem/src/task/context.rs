@@ -31,6 +31,9 @@ struct Inner {
     /// Cancellation lives inline (flag + notify) so a context costs one allocation.
     cancelled: AtomicBool,
     cancel_notify: Notify,
+    /// Set by a revoke with `terminate`: the worker drops the task.
+    terminated: AtomicBool,
+    terminate_notify: Notify,
     lease: Option<Lease>,
 }
 
@@ -49,6 +52,8 @@ impl TaskContext {
                 producer: Some(producer),
                 cancelled: AtomicBool::new(false),
                 cancel_notify: Notify::new(),
+                terminated: AtomicBool::new(false),
+                terminate_notify: Notify::new(),
                 lease: Some(lease),
             }),
         }
@@ -64,6 +69,8 @@ impl TaskContext {
                 producer: None,
                 cancelled: AtomicBool::new(false),
                 cancel_notify: Notify::new(),
+                terminated: AtomicBool::new(false),
+                terminate_notify: Notify::new(),
                 lease: None,
             }),
         }
@@ -157,6 +164,24 @@ impl TaskContext {
         sig.options.parent_id = Some(env.id);
         sig.options.root_id = Some(env.root_id.unwrap_or(env.id));
         producer.enqueue(sig).await
+    }
+
+    /// Cancel and mark for termination (revoke with `terminate`).
+    pub(crate) fn terminate(&self) {
+        self.cancel();
+        self.inner.terminated.store(true, Ordering::Release);
+        self.inner.terminate_notify.notify_waiters();
+    }
+
+    /// Resolves once [`TaskContext::terminate`] was called.
+    pub(crate) async fn terminated(&self) {
+        loop {
+            let notified = self.inner.terminate_notify.notified();
+            if self.inner.terminated.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn cancel(&self) {

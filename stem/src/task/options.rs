@@ -32,6 +32,9 @@ pub struct TaskOptions {
     pub expires: Option<Duration>,
     /// Do not store the result (state is still recorded).
     pub ignore_result: bool,
+    /// An identical call (same name and arguments) within this window returns the existing
+    /// task instead of enqueueing another (needs a unique store on the producer).
+    pub unique_for: Option<Duration>,
 }
 
 impl TaskOptions {
@@ -49,6 +52,7 @@ impl TaskOptions {
             retry_for: &[],
             expires: None,
             ignore_result: false,
+            unique_for: None,
         }
     }
     /// Set the queue.
@@ -119,6 +123,11 @@ impl TaskOptions {
     /// Do not store results.
     pub const fn ignore_result(mut self, ignore: bool) -> Self {
         self.ignore_result = ignore;
+        self
+    }
+    /// Deduplicate identical calls within `window`.
+    pub const fn unique_for(mut self, window: Duration) -> Self {
+        self.unique_for = Some(window);
         self
     }
 }

@@ -31,6 +31,7 @@ pub struct TaskEntry {
     pub line: u32,
     run: ErasedRun,
     type_id: fn() -> std::any::TypeId,
+    type_name: fn() -> &'static str,
 }
 
 impl TaskEntry {
@@ -45,6 +46,7 @@ impl TaskEntry {
             line,
             run: run_erased::<T>,
             type_id: std::any::TypeId::of::<T>,
+            type_name: std::any::type_name::<T>,
         }
     }
 
@@ -54,11 +56,12 @@ impl TaskEntry {
     }
 
     fn location(&self) -> String {
-        format!("{} ({}:{})", self.module, self.file, self.line)
+        format!("`{}` ({}:{})", (self.type_name)(), self.file, self.line)
     }
 
+    /// The same task type, registered twice (say through inventory and explicitly).
     fn same_definition(&self, other: &TaskEntry) -> bool {
-        self.file == other.file && self.line == other.line && self.module == other.module
+        (self.type_id)() == (other.type_id)()
     }
 }
 
@@ -147,8 +150,7 @@ impl Registry {
     /// Add one entry.
     pub fn add(&mut self, entry: TaskEntry) {
         match self.entries.get(entry.name) {
-            Some(existing)
-                if existing.same_definition(&entry) || (existing.type_id)() == (entry.type_id)() => {}
+            Some(existing) if existing.same_definition(&entry) => {}
             Some(existing) => self.errors.push(RegistryError::Duplicate {
                 name: entry.name.to_owned(),
                 first: existing.location(),

@@ -45,6 +45,8 @@ pub struct EnqueueOptions {
     pub parent_id: Option<TaskId>,
     /// Lineage: the root of the tree.
     pub root_id: Option<TaskId>,
+    /// Deduplicate identical calls within this window.
+    pub unique_for: Option<Duration>,
 }
 
 macro_rules! option_setters {
@@ -81,6 +83,9 @@ option_setters! {
     countdown(delay: Duration) => countdown = Some(delay);
     /// Cancel instead of running if not started within `after`.
     expires_in(after: Duration) => expires_in = Some(after);
+    /// Return the existing task for an identical call (same name and arguments) made within
+    /// `window`, instead of enqueueing a duplicate (needs a unique store on the producer).
+    unique_for(window: Duration) => unique_for = Some(window);
     /// Cancel instead of running if not started by `at`.
     expires_at(at: DateTime<Utc>) => expires_at = Some(at);
     /// Use `id` as the task id.

@@ -30,6 +30,8 @@ use super::retry::{Decision, decide};
 /// How a supervised run ended.
 enum Run {
     Done(Result<serde_json::Value, TaskError>),
+    /// Revoked with `terminate` while running: dropped, recorded as cancelled.
+    Terminated,
     /// Cold shutdown: the task was dropped and its delivery goes back to the broker.
     Released,
 }
@@ -76,6 +78,14 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
         return finished(Some(status), receipt, Action::Ack);
     }
 
+    if let Some(store) = &shared.revokes {
+        match store.get(env.id).await {
+            Ok(Some(revocation)) => return revoked(shared, env, receipt, &revocation.reason),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(id = %env.id, error = %e, "revoke check failed; running the task"),
+        }
+    }
+
     let Some(entry) = shared.registry.get(&env.task) else {
         let detail = format!("no task named `{}` is registered on worker {worker_id}", env.task);
         tracing::warn!(task = %env.task, id = %env.id, "unregistered task; dead-lettered");
@@ -90,7 +100,17 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
     };
 
     if let Some(limit) = entry.options.rate_limit {
-        if let Err(wait) = shared.limiter.try_acquire(entry.name, limit) {
+        let denied = match &shared.shared_limiter {
+            Some(limiter) => match limiter.acquire(entry.name, limit).await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::warn!(task = %env.task, error = %e, "shared rate limiter failed; using this worker's");
+                    shared.limiter.try_acquire(entry.name, limit).err()
+                }
+            },
+            None => shared.limiter.try_acquire(entry.name, limit).err(),
+        };
+        if let Some(wait) = denied {
             let mut envelope = Arc::unwrap_or_clone(env);
             envelope.not_before =
                 Some(Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero()));
@@ -130,12 +150,19 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
     signals.emit(|| TaskPrerun { envelope: Arc::clone(&env), worker_id: Arc::clone(worker_id) });
 
     let clock = Instant::now();
+    if shared.revokes.is_some() {
+        shared.running.lock().insert(env.id, ctx.clone());
+    }
     let run = supervise(shared, fut, &env, &ctx, &receipt, lease_length, started_at).await;
+    if shared.revokes.is_some() {
+        shared.running.lock().remove(&env.id);
+    }
     let duration = clock.elapsed();
     drop(ctx);
 
     let outcome = match run {
         Run::Released => return finished(None, receipt, Action::Release),
+        Run::Terminated => return revoked(shared, env, receipt, "terminated while running"),
         Run::Done(r) => r,
     };
     let mut status = TaskStatus::for_envelope(&env, TaskState::Succeeded);
@@ -163,6 +190,20 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
         duration,
     });
     record
+}
+
+/// Record a revoked task as cancelled and finish its delivery.
+fn revoked(shared: &Shared, env: Arc<Envelope>, receipt: Receipt, reason: &str) -> Record {
+    let mut status = TaskStatus::for_envelope(&env, TaskState::Cancelled);
+    status.error = Some(TaskFailure::new("revoked", reason, false));
+    status.worker_id = Some(Arc::clone(&shared.worker_id));
+    tracing::info!(task = %env.task, id = %env.id, reason, "revoked; not run");
+    shared.signals.emit(|| TaskRevoked {
+        envelope: Arc::clone(&env),
+        worker_id: Arc::clone(&shared.worker_id),
+        reason: reason.to_owned(),
+    });
+    finished(Some(status), receipt, Action::Ack)
 }
 
 fn on_error(
@@ -262,6 +303,7 @@ async fn supervise(
             biased;
             out = &mut fut => return Run::Done(out.unwrap_or_else(|panic| Err(panicked(env, &*panic)))),
             () = &mut release => return Run::Released,
+            () = ctx.terminated() => return Run::Terminated,
             () = tokio::time::sleep_until(next) => {
                 let now = Instant::now();
                 if hard_at.is_some_and(|h| now >= h) {

@@ -14,6 +14,7 @@ mod heartbeat;
 mod rate_limit;
 mod recorder;
 mod retry;
+mod revoke;
 mod shutdown;
 
 use std::sync::Arc;
@@ -30,7 +31,8 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::producer::Stem;
 use crate::signals::{Signals, WorkerShutdown, WorkerStopping};
-use crate::task::Registry;
+use crate::store::{RateLimiter, RevokeStore};
+use crate::task::{Registry, TaskContext};
 
 /// Settings of one worker.
 #[derive(Clone, Debug)]
@@ -55,6 +57,8 @@ pub struct WorkerConfig {
     pub track_started: bool,
     /// Random per-process identity (never a configured name, so replicas never collide).
     pub worker_id: String,
+    /// How often running tasks are checked against the revoke store (default 1 s).
+    pub revoke_poll: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -71,6 +75,7 @@ impl Default for WorkerConfig {
             fetch_wait: Duration::from_secs(1),
             track_started: true,
             worker_id: format!("{host}-{}-{}", std::process::id(), &short[..8]),
+            revoke_poll: Duration::from_secs(1),
         }
     }
 }
@@ -83,9 +88,22 @@ pub struct WorkerBuilder {
     signals: Option<Signals>,
     producer: Option<Stem>,
     config: WorkerConfig,
+    revokes: Option<Arc<dyn RevokeStore>>,
+    rate_limiter: Option<Arc<dyn RateLimiter>>,
 }
 
 impl WorkerBuilder {
+    /// Check a revoke store before each task starts, and terminate running tasks revoked
+    /// with `terminate`.
+    pub fn revoke_store(mut self, store: Arc<dyn RevokeStore>) -> Self {
+        self.revokes = Some(store);
+        self
+    }
+    /// Enforce task rate limits through a limiter shared by all workers (default: per worker).
+    pub fn rate_limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
+        self.rate_limiter = Some(limiter);
+        self
+    }
     /// Tasks this worker runs (default: every `#[task]` in the binary).
     pub fn registry(mut self, registry: impl Into<Arc<Registry>>) -> Self {
         self.registry = Some(registry.into());
@@ -182,6 +200,9 @@ impl WorkerBuilder {
             producer,
             signals,
             limiter: rate_limit::RateLimiter::default(),
+            shared_limiter: self.rate_limiter,
+            revokes: self.revokes,
+            running: parking_lot::Mutex::new(std::collections::HashMap::new()),
             record_tx,
             stop_fetching: CancellationToken::new(),
             release: CancellationToken::new(),
@@ -204,6 +225,10 @@ pub(crate) struct Shared {
     pub(crate) producer: Stem,
     pub(crate) signals: Signals,
     pub(crate) limiter: rate_limit::RateLimiter,
+    pub(crate) shared_limiter: Option<Arc<dyn RateLimiter>>,
+    pub(crate) revokes: Option<Arc<dyn RevokeStore>>,
+    /// Running tasks by id (tracked only with a revoke store, for `terminate`).
+    pub(crate) running: parking_lot::Mutex<std::collections::HashMap<crate::TaskId, TaskContext>>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) record_tx: mpsc::Sender<recorder::Record>,
     /// Warm shutdown: stop fetching, let running tasks finish.
@@ -271,6 +296,8 @@ impl Worker {
             signals: None,
             producer: None,
             config: WorkerConfig::default(),
+            revokes: None,
+            rate_limiter: None,
         }
     }
 
@@ -321,6 +348,7 @@ impl Worker {
         );
         let recorder = tokio::spawn(recorder::run(Arc::clone(&shared), record_rx));
         let heartbeats = tokio::spawn(heartbeat::run(Arc::clone(&shared)));
+        let revoker = shared.revokes.is_some().then(|| tokio::spawn(revoke::run(Arc::clone(&shared))));
 
         consumer::run(&shared).await;
 
@@ -343,6 +371,9 @@ impl Worker {
         shared.recorder_done.cancel();
         let _ = recorder.await;
         heartbeats.abort();
+        if let Some(r) = revoker {
+            r.abort();
+        }
         shared.signals.emit(|| WorkerShutdown { worker_id: Arc::clone(&shared.worker_id) });
         tracing::info!(worker = %shared.worker_id, processed = shared.processed.load(Ordering::Relaxed), "worker stopped");
         Ok(())
