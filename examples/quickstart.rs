@@ -38,7 +38,7 @@ async fn render_invoice(ctx: TaskContext, customer: String, prices: Vec<u64>) ->
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter("warn").init();
+    tracing_subscriber::fmt().with_env_filter("error").init();
 
     // Broker, result backend and a worker, all in memory, in this process.
     let app = StemApp::in_memory().await?;

@@ -166,7 +166,7 @@ impl TaskStatus {
         if self.attempt != current.attempt {
             return self.attempt > current.attempt;
         }
-        !(current.state.is_terminal() && !self.state.is_terminal())
+        !current.state.is_terminal() || self.state.is_terminal()
     }
 }
 

@@ -95,7 +95,7 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
         return finished(
             Some(status),
             receipt,
-            Action::DeadLetter { envelope, reason: REASON_UNREGISTERED, detail },
+            Action::DeadLetter { envelope: Box::new(envelope), reason: REASON_UNREGISTERED, detail },
         );
     };
 
@@ -114,7 +114,7 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
             let mut envelope = Arc::unwrap_or_clone(env);
             envelope.not_before =
                 Some(Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero()));
-            return finished(None, receipt, Action::Retry(envelope));
+            return finished(None, receipt, Action::Retry(Box::new(envelope)));
         }
     }
 
@@ -141,7 +141,7 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
             return finished(
                 Some(status),
                 receipt,
-                Action::DeadLetter { envelope, reason: REASON_INVALID_ARGS, detail },
+                Action::DeadLetter { envelope: Box::new(envelope), reason: REASON_INVALID_ARGS, detail },
             );
         }
     };
@@ -232,7 +232,7 @@ fn on_error(
                 error: failure.clone(),
                 delay,
             });
-            (finished(Some(status), receipt, Action::Retry(next)), TaskState::Retried)
+            (finished(Some(status), receipt, Action::Retry(Box::new(next))), TaskState::Retried)
         }
         Decision::Fail { reason } => {
             tracing::warn!(task = %env.task, id = %env.id, attempt = env.attempt, error = %error, reason, "task failed");
@@ -246,7 +246,11 @@ fn on_error(
             let detail = failure.to_string();
             let envelope = (**env).clone();
             (
-                finished(Some(status), receipt, Action::DeadLetter { envelope, reason, detail }),
+                finished(
+                    Some(status),
+                    receipt,
+                    Action::DeadLetter { envelope: Box::new(envelope), reason, detail },
+                ),
                 TaskState::Failed,
             )
         }

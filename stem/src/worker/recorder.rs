@@ -27,9 +27,9 @@ pub(crate) enum Action {
     /// Done.
     Ack,
     /// Replace with this envelope (a retry or a rate-limit delay).
-    Retry(Envelope),
+    Retry(Box<Envelope>),
     /// Move to the DLQ.
-    DeadLetter { envelope: Envelope, reason: &'static str, detail: String },
+    DeadLetter { envelope: Box<Envelope>, reason: &'static str, detail: String },
     /// Give back for redelivery (shutdown).
     Release,
 }
@@ -106,9 +106,9 @@ async fn process(shared: &Shared, batch: Vec<Record>) {
                 acks.push(receipt);
                 Ok(true)
             }
-            Action::Retry(envelope) => shared.broker.retry(receipt, envelope).await,
+            Action::Retry(envelope) => shared.broker.retry(receipt, *envelope).await,
             Action::DeadLetter { envelope, reason, detail } => {
-                shared.broker.dead_letter(receipt, envelope, reason, detail).await
+                shared.broker.dead_letter(receipt, *envelope, reason, detail).await
             }
             Action::Release => shared.broker.nack(receipt, true).await,
         };
