@@ -49,3 +49,44 @@ ensure_redis() {
     fail_or_warn "Redis does not answer on $REDIS_HOST:$REDIS_PORT and redis-server is not installed"
   fi
 }
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=postgres
+PG_DB=test
+
+pg_answers() {
+  if command -v pg_isready >/dev/null 2>&1; then
+    pg_isready -q -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER"
+  else
+    (exec 3<>"/dev/tcp/$PG_HOST/$PG_PORT") 2>/dev/null
+  fi
+}
+
+ensure_postgres() {
+  if ! pg_answers; then
+    if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+      local version
+      version=$(ls /etc/postgresql | sort -V | tail -n 1)
+      echo "services: starting PostgreSQL $version on $PG_HOST:$PG_PORT" >&2
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+      for _ in $(seq 1 100); do
+        if pg_answers; then
+          break
+        fi
+        sleep 0.1
+      done
+    fi
+  fi
+  if ! pg_answers; then
+    fail_or_warn "PostgreSQL does not answer on $PG_HOST:$PG_PORT"
+    return 0
+  fi
+  if command -v psql >/dev/null 2>&1; then
+    if ! psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" 2>/dev/null | grep -q 1; then
+      echo "services: creating database $PG_DB" >&2
+      psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -c "CREATE DATABASE $PG_DB" >/dev/null
+    fi
+  fi
+}

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
 . scripts/services.sh
 ensure_redis
+ensure_postgres
 cargo test --workspace --all-features "$@"
