@@ -8,6 +8,7 @@
 
 pub mod contract;
 pub mod redis;
+pub mod redis_stores;
 pub mod store_contract;
 pub mod support;
 

@@ -11,6 +11,7 @@ mod backend;
 mod broker;
 pub mod keys;
 mod scripts;
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
 pub use backend::RedisBackend;
 pub use broker::RedisBroker;
 pub use keys::Keys;
+pub use stores::RedisStores;
 
 use crate::url::{AdapterUrl, Scheme};
 
