@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use stem::backend::ResultBackend;
 use stem::broker::Broker;
-use stem::{MemoryBackend, MemoryBroker, Registry, Signature, Stem, TaskContext, TaskError, Worker};
+use stem::{Registry, Signature, Stem, TaskContext, TaskError, Worker};
 
 /// The benchmark task: takes `{"i": n, "ms": MS}`, sleeps MS milliseconds, returns `i`.
 struct Echo;
@@ -77,10 +77,25 @@ enum Command {
 type Adapters = (Arc<dyn Broker>, Arc<dyn ResultBackend>);
 
 fn connect(url: &str) -> Result<Adapters, Box<dyn std::error::Error>> {
-    match url {
-        "memory://" | "memory" => Ok((Arc::new(MemoryBroker::new()), Arc::new(MemoryBackend::new()))),
-        other => Err(format!("unsupported adapter URL `{other}` (this build knows memory://)").into()),
-    }
+    // Every Redis run starts from an empty namespace: a fresh `ns` unless the URL names one,
+    // and the bench queue purged either way (leftovers of an interrupted run never count).
+    let url = if url.starts_with("redis") && !url.contains("ns=") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{url}{sep}ns=bench-{}-{nanos}", std::process::id())
+    } else {
+        url.to_owned()
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let adapters = tokio::task::block_in_place(|| {
+        runtime.block_on(async {
+            let a = stem_adapters::connect(&url).await?;
+            a.broker.purge("bench").await?;
+            Ok::<_, stem::Error>(a)
+        })
+    })?;
+    Ok((adapters.broker, adapters.backend))
 }
 
 fn adapter_name(url: &str) -> &str {

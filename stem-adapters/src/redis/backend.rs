@@ -3,7 +3,8 @@
 //! chord claim in Lua, heartbeats in a hash with an expiry index.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 use super::RedisConnection;
 use super::keys::Keys;
 use super::scripts::{self, Eval};
+
+/// How long finished waits gather before their channels are unsubscribed together.
+const UNSUBSCRIBE_BATCH_DELAY: Duration = Duration::from_millis(20);
 
 /// Most records written by one script call.
 const SET_CHUNK: usize = 2_000;
@@ -61,6 +65,9 @@ struct Inner {
     pubsub: OnceCell<ConnectionManager>,
     /// Channels subscribed; changed only under this lock so (un)subscribes never interleave.
     subscribed: tokio::sync::Mutex<HashSet<TaskId>>,
+    /// Channels nobody may wait on any more, unsubscribed in batches off the waiting path.
+    unsubscribe_queue: Mutex<Vec<TaskId>>,
+    unsubscribing: AtomicBool,
 }
 
 impl RedisBackend {
@@ -75,6 +82,8 @@ impl RedisBackend {
                 next_waiter: AtomicU64::new(0),
                 pubsub: OnceCell::new(),
                 subscribed: tokio::sync::Mutex::new(HashSet::new()),
+                unsubscribe_queue: Mutex::new(Vec::new()),
+                unsubscribing: AtomicBool::new(false),
             }),
         }
     }
@@ -85,7 +94,7 @@ impl RedisBackend {
     }
 }
 
-/// `"<attempt>:<terminal>|<json>"` → the JSON part.
+/// `"<attempt>:<terminal>:<progress>|<json>"` → the JSON part.
 fn record_json(stored: &[u8]) -> &[u8] {
     match stored.iter().position(|b| *b == b'|') {
         Some(i) => &stored[i + 1..],
@@ -178,14 +187,47 @@ impl Inner {
         true
     }
 
-    /// Drop the subscription for `id` in the background once nobody waits for it.
+    /// Drop the subscription for `id` in the background once nobody waits for it. Batched:
+    /// one UNSUBSCRIBE for many channels, never on a waiter's path.
     fn unsubscribe_later(self: &Arc<Self>, id: TaskId) {
+        self.unsubscribe_queue.lock().push(id);
+        if self.unsubscribing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = this.sync_subscription(id).await {
-                tracing::debug!(error = %e, "unsubscribe failed");
+            loop {
+                tokio::time::sleep(UNSUBSCRIBE_BATCH_DELAY).await;
+                let ids = std::mem::take(&mut *this.unsubscribe_queue.lock());
+                if let Err(e) = this.unsubscribe_idle(ids).await {
+                    tracing::debug!(error = %e, "unsubscribe failed");
+                }
+                this.unsubscribing.store(false, Ordering::Release);
+                if this.unsubscribe_queue.lock().is_empty() || this.unsubscribing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
             }
         });
+    }
+
+    async fn unsubscribe_idle(&self, ids: Vec<TaskId>) -> Result<()> {
+        let Some(mut conn) = self.pubsub.get().cloned() else {
+            return Ok(());
+        };
+        let mut subscribed = self.subscribed.lock().await;
+        let idle: Vec<TaskId> = {
+            let waiters = self.waiters.lock();
+            ids.into_iter().filter(|id| !waiters.contains_key(id) && subscribed.contains(id)).collect()
+        };
+        if idle.is_empty() {
+            return Ok(());
+        }
+        for id in &idle {
+            subscribed.remove(id);
+        }
+        let channels: Vec<String> = idle.iter().map(|id| self.keys.done(*id)).collect();
+        conn.unsubscribe(channels).await.map_err(err)
     }
 
     async fn wait(self: &Arc<Self>, id: TaskId, timeout: Duration) -> Result<Option<TaskStatus>> {
@@ -291,10 +333,11 @@ fn on_message(inner: &Arc<Inner>, data: &[Value]) {
     else {
         return;
     };
-    let (json, progress) = match payload.iter().position(|b| *b == b'\n') {
+    let (value, progress) = match payload.iter().position(|b| *b == b'\n') {
         Some(i) => (&payload[..i], Some(&payload[i + 1..])),
         None => (&payload[..], None),
     };
+    let json = record_json(value);
     match decode_status(json, progress) {
         Ok(status) => {
             if inner.wake(id, &status) {
@@ -341,11 +384,15 @@ impl ResultBackend for RedisBackend {
                 e.arg(ttl);
                 for s in chunk {
                     // Same text as the id's Display, without an allocation.
+                    let terminal = u8::from(s.state.is_terminal());
+                    let mut value = Vec::with_capacity(512);
+                    write!(value, "{}:{terminal}:0|", s.attempt).map_err(Error::backend)?;
+                    serde_json::to_writer(&mut value, s)?;
                     e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
                         .arg(s.attempt)
-                        .arg(u8::from(s.state.is_terminal()))
+                        .arg(terminal)
                         .arg(u8::from(s.progress.is_some()))
-                        .arg(serde_json::to_vec(s)?);
+                        .arg(value);
                 }
                 e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
             }

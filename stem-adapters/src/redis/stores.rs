@@ -60,7 +60,12 @@ impl RedisStores {
 }
 
 impl LockStore for RedisStores {
-    fn acquire<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, stem::Result<bool>> {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, stem::Result<bool>> {
         Box::pin(async move {
             let mut c = self.conn.commands();
             let took: i64 = LOCK_ACQUIRE
@@ -110,7 +115,9 @@ impl RevokeStore for RedisStores {
         Box::pin(async move {
             let json = serde_json::to_string(&revocation)?;
             let id = revocation.task_id.to_string();
-            let expires = chrono::Utc::now().timestamp_millis().saturating_add(i64::try_from(ms(ttl)).unwrap_or(i64::MAX));
+            let expires = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_add(i64::try_from(ms(ttl)).unwrap_or(i64::MAX));
             let mut c = self.conn.commands();
             redis::pipe()
                 .atomic()
@@ -147,7 +154,8 @@ impl RevokeStore for RedisStores {
                 .invoke_async(&mut c)
                 .await
                 .map_err(err)?;
-            let mut out = all.iter().map(|j| serde_json::from_str(j)).collect::<Result<Vec<Revocation>, _>>()?;
+            let mut out =
+                all.iter().map(|j| serde_json::from_str(j)).collect::<Result<Vec<Revocation>, _>>()?;
             out.sort_by_key(|r| r.at);
             Ok(out)
         })
@@ -155,7 +163,11 @@ impl RevokeStore for RedisStores {
 }
 
 impl RateLimiter for RedisStores {
-    fn acquire<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, stem::Result<Option<Duration>>> {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        limit: RateLimit,
+    ) -> BoxFuture<'a, stem::Result<Option<Duration>>> {
         Box::pin(async move {
             let per_token_ms = limit.per.as_secs_f64() * 1000.0 / f64::from(limit.count.max(1));
             let mut c = self.conn.commands();
@@ -172,7 +184,12 @@ impl RateLimiter for RedisStores {
 }
 
 impl UniqueStore for RedisStores {
-    fn claim<'a>(&'a self, key: &'a str, id: TaskId, ttl: Duration) -> BoxFuture<'a, stem::Result<Option<TaskId>>> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        id: TaskId,
+        ttl: Duration,
+    ) -> BoxFuture<'a, stem::Result<Option<TaskId>>> {
         Box::pin(async move {
             let mut c = self.conn.commands();
             let holder: Option<String> = UNIQUE_CLAIM
@@ -183,7 +200,10 @@ impl UniqueStore for RedisStores {
                 .await
                 .map_err(err)?;
             holder
-                .map(|h| h.parse::<TaskId>().map_err(|e| err(format!("unique claim holds a bad task id `{h}`: {e}"))))
+                .map(|h| {
+                    h.parse::<TaskId>()
+                        .map_err(|e| err(format!("unique claim holds a bad task id `{h}`: {e}")))
+                })
                 .transpose()
         })
     }

@@ -5,7 +5,7 @@ local order = {}
 local n = 0
 for i = 2, #ARGV, 3 do
   local q, tag = ARGV[i], ARGV[i + 1]
-  local sk, id = check(q, tag, ARGV[i + 2])
+  local sk, id, member = check(q, tag, ARGV[i + 2])
   if sk then
     local a = acks[sk]
     if not a then
@@ -14,7 +14,7 @@ for i = 2, #ARGV, 3 do
       order[#order + 1] = sk
     end
     a.ids[#a.ids + 1] = id
-    a.tags[#a.tags + 1] = tag
+    a.tags[#a.tags + 1] = member
     n = n + 1
   end
 end

@@ -13,11 +13,14 @@ local function k_delayed(q) return ns .. ':d:' .. q end
 local function k_dlq(q) return ns .. ':dlq:' .. q end
 local function k_dlqi(q) return ns .. ':dlqi:' .. q end
 
--- Create the stream and its consumer group on first use.
+-- Create the stream and its consumer group on first use (checked once per script call).
+local known = {}
 local function ensure_group(sk)
+  if known[sk] then return end
   if redis.call('EXISTS', sk) == 0 then
     redis.call('XGROUP', 'CREATE', sk, G, '0', 'MKSTREAM')
   end
+  known[sk] = true
 end
 
 -- Store one envelope: in its priority stream when due, else in the queue's delayed ZSET.
@@ -36,27 +39,26 @@ local function store(q, p, due, vis, env, now)
   end
 end
 
--- A receipt is live when its lease exists, was not released (score 0), and the entry's
--- delivery count (the fencing token) still equals the receipt's token.
--- Returns the stream key, the entry id and the lease deadline, or nil.
+-- Leases are members "{priority}:{entry id}:{token}" of the queue's lease ZSET; the token
+-- (fencing number) grows with each delivery of the entry. A receipt (tag "{priority}:{entry
+-- id}", token) is live when its member exists and was not released (score 0).
+-- Returns the stream key, the entry id, the lease member and its deadline, or nil.
 local function check(q, tag, token)
-  local sc = redis.call('ZSCORE', k_leases(q), tag)
+  local member = tag .. ':' .. token
+  local sc = redis.call('ZSCORE', k_leases(q), member)
   if not sc then return nil end
   sc = tonumber(sc)
   if sc == 0 then return nil end
   local p, id = string.match(tag, '^(%d):(.+)$')
   if not p then return nil end
-  local sk = k_stream(q, p)
-  local pe = redis.call('XPENDING', sk, G, id, id, 1)
-  if not pe[1] or tonumber(pe[1][4]) ~= tonumber(token) then return nil end
-  return sk, id, sc
+  return k_stream(q, p), id, member, sc
 end
 
 -- Remove a delivery for good: acknowledge, delete the entry, drop its lease.
-local function finish(q, tag, sk, id)
+local function finish(q, member, sk, id)
   redis.call('XACK', sk, G, id)
   redis.call('XDEL', sk, id)
-  redis.call('ZREM', k_leases(q), tag)
+  redis.call('ZREM', k_leases(q), member)
 end
 
 -- Append a dead-letter record (JSON without its id; the id is the hash field).

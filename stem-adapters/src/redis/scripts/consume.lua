@@ -36,9 +36,11 @@ for i = 1, nq do
   local byp = {}
   local ex = redis.call('ZRANGEBYSCORE', k_leases(queues[i]), '-inf', now, 'LIMIT', 0, max)
   for _, m in ipairs(ex) do
-    local p = string.sub(m, 1, 1)
-    if not byp[p] then byp[p] = {} end
-    table.insert(byp[p], string.sub(m, 3))
+    local p, id, token = string.match(m, '^(%d):(.+):(%d+)$')
+    if p then
+      if not byp[p] then byp[p] = {} end
+      table.insert(byp[p], {id, tonumber(token), m})
+    end
   end
   expired[i] = byp
 end
@@ -53,7 +55,7 @@ local function deliver(i, p, entry, token)
   local tag = p .. ':' .. id
   local l = leases[i]
   l[#l + 1] = now + (vis or dlease)
-  l[#l + 1] = tag
+  l[#l + 1] = tag .. ':' .. token
   n = n + 1
   out[#out + 1] = i
   out[#out + 1] = tag
@@ -75,17 +77,16 @@ for p = 9, 0, -1 do
     local sk = k_stream(q, ps)
     local ids = expired[i][ps]
     if ids then
-      for _, id in ipairs(ids) do
+      for _, lease in ipairs(ids) do
         if n >= max then break end
+        local id, token, member = lease[1], lease[2], lease[3]
         local got = redis.call('XCLAIM', sk, G, consumer, 0, id)
+        -- The old lease goes; the redelivery gets the next token, so old receipts are stale.
+        redis.call('ZREM', k_leases(q), member)
         if got[1] then
-          local pe = redis.call('XPENDING', sk, G, id, id, 1)
-          local token = 1
-          if pe[1] then token = tonumber(pe[1][4]) end
-          deliver(i, ps, got[1], token)
+          deliver(i, ps, got[1], token + 1)
         else
-          -- The entry is gone (deleted behind our back): forget its lease.
-          redis.call('ZREM', k_leases(q), ps .. ':' .. id)
+          -- The entry is gone (deleted behind our back): nothing to deliver.
           redis.call('XACK', sk, G, id)
         end
       end

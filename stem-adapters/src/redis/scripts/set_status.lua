@@ -1,9 +1,11 @@
--- set: ARGV = ns, ttl_ms, then (task_id, attempt, terminal 1/0, has_progress 1/0, json) per record.
--- A record is stored as "<attempt>:<terminal>|<json>" with a TTL. The fencing rule of
--- TaskStatus::may_replace is applied against the stored header: an older attempt never
--- overwrites a newer one; within one attempt a terminal state is never replaced by a
--- non-terminal one. Progress lives in its own key and survives later writes. A terminal
--- write is PUBLISHed on the task's channel (payload: json, then "\n" and the progress, if any).
+-- set: ARGV = ns, ttl_ms, then (task_id, attempt, terminal 1/0, has_progress 1/0, value) per
+-- record, where value = "<attempt>:<terminal>:0|<json>" (built by the client).
+-- A record is stored as that value with a TTL; the third header field flips to 1 while a
+-- separate progress key exists. The fencing rule of TaskStatus::may_replace is applied
+-- against the stored header: an older attempt never overwrites a newer one; within one
+-- attempt a terminal state is never replaced by a non-terminal one. Progress reported with
+-- `progress` survives later writes that carry none. A terminal write is PUBLISHed on the
+-- task's channel (payload: the value, then "\n" and the progress, if any).
 local ns = ARGV[1]
 local ttl = ARGV[2]
 local written = 0
@@ -13,10 +15,12 @@ for i = 3, #ARGV, 5 do
   local term = ARGV[i + 2]
   local rk = ns .. ':r:' .. id
   local ok = true
+  local has_prog_key = false
   local cur = redis.call('GETRANGE', rk, 0, 23)
   if cur ~= '' then
-    local a, t = string.match(cur, '^(%d+):(%d)|')
+    local a, t, p = string.match(cur, '^(%d+):(%d):(%d)|')
     if a then
+      has_prog_key = p == '1'
       a = tonumber(a)
       if attempt ~= a then
         ok = attempt > a
@@ -26,20 +30,24 @@ for i = 3, #ARGV, 5 do
     end
   end
   if ok then
-    local json = ARGV[i + 4]
-    redis.call('SET', rk, ARGV[i + 1] .. ':' .. term .. '|' .. json, 'PX', ttl)
-    local pk = ns .. ':p:' .. id
+    local value = ARGV[i + 4]
+    redis.call('SET', rk, value, 'PX', ttl)
     local prog = false
-    if ARGV[i + 3] == '1' then
-      redis.call('DEL', pk)
-    else
-      prog = redis.call('GET', pk)
-      if prog then redis.call('PEXPIRE', pk, ttl) end
+    if has_prog_key then
+      local pk = ns .. ':p:' .. id
+      if ARGV[i + 3] == '1' then
+        redis.call('DEL', pk)
+      else
+        prog = redis.call('GET', pk)
+        if prog then
+          redis.call('PEXPIRE', pk, ttl)
+          redis.call('SETRANGE', rk, string.len(ARGV[i + 1]) + 3, '1')
+        end
+      end
     end
     if term == '1' then
-      local msg = json
-      if prog then msg = json .. '\n' .. prog end
-      redis.call('PUBLISH', ns .. ':done:' .. id, msg)
+      if prog then value = value .. '\n' .. prog end
+      redis.call('PUBLISH', ns .. ':done:' .. id, value)
     end
     written = written + 1
   end
