@@ -5,13 +5,13 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `{ns}:q:{queue}:{priority}` | stream, group `stem` | ready and in-flight envelopes (field `e`, optional lease ms `v`) |
-//! | `{ns}:l:{queue}` | sorted set | leases: member `{priority}:{entry id}`, score = deadline ms (0 = released) |
+//! | `{ns}:l:{queue}` | sorted set | leases: member `{priority}:{entry id}:{token}`, score = deadline ms (0 = released) |
 //! | `{ns}:d:{queue}` | sorted set | delayed envelopes: member `{priority}\|{lease ms}\|{json}`, score = due ms |
 //! | `{ns}:dlq:{queue}` | hash | dead letters: DLQ id → `DeadLetter` JSON |
 //! | `{ns}:dlqi:{queue}` | sorted set | DLQ ids in order (score = id) |
 //! | `{ns}:dlq-seq` | string | DLQ id counter |
 //! | `{ns}:bc:{channel}` | stream, one group per subscriber | broadcast messages |
-//! | `{ns}:r:{task id}` | string, TTL | status record: `{attempt}:{terminal 0/1}\|{json}` |
+//! | `{ns}:r:{task id}` | string, TTL | status record: `{attempt}:{terminal 0/1}:{progress key 0/1}\|{json}` |
 //! | `{ns}:p:{task id}` | string, TTL | last progress report |
 //! | `{ns}:done:{task id}` | pub/sub channel | terminal records, for `wait` |
 //! | `{ns}:g:{group id}` | hash, TTL | group: `total`, `s`, `f`, `claimed`, `m{index}` → outcome |
