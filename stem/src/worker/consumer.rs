@@ -10,6 +10,8 @@ use crate::signals::WorkerReady;
 use super::{Shared, executor};
 
 const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a fetch under backlog waits for more free slots to fill a bigger batch.
+const BATCH_LINGER: Duration = Duration::from_micros(500);
 
 /// Runs until a shutdown is requested. Broker errors are logged and retried with capped,
 /// jittered backoff, so a worker rides out a broker restart instead of dying or hanging.
@@ -23,6 +25,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
     };
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
+    let mut backlog = false;
     shared
         .signals
         .emit(|| WorkerReady { worker_id: Arc::clone(&shared.worker_id), queues: req.queues.clone() });
@@ -43,6 +46,18 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
                 Err(_) => break,
             }
         }
+        // Under a backlog (the last fetch was full), wait a moment for more slots to free up so
+        // one broker call carries a bigger batch; running tasks free them within microseconds,
+        // and an idle queue never waits here.
+        if backlog && permits.len() < shared.config.prefetch {
+            let linger = tokio::time::Instant::now() + BATCH_LINGER;
+            while permits.len() < shared.config.prefetch {
+                match tokio::time::timeout_at(linger, Arc::clone(&shared.slots).acquire_owned()).await {
+                    Ok(Ok(p)) => permits.push(p),
+                    _ => break,
+                }
+            }
+        }
         req.max = permits.len();
         let fetched = tokio::select! {
             biased;
@@ -51,6 +66,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
         };
         match fetched {
             Ok(deliveries) => {
+                backlog = deliveries.len() == req.max;
                 if failing {
                     tracing::info!(worker = %shared.worker_id, "broker reachable again; consuming");
                     failing = false;
