@@ -58,8 +58,17 @@ impl TestApp {
         self.backend.get(id).await.unwrap().expect("status record")
     }
 
-    pub async fn dead(&self, queue: &str) -> Vec<DeadLetter> {
+    /// The DLQ of `queue` once it holds at least `n` entries (the worker dead-letters right
+    /// after recording the failure, so a waiter can see the failure a moment earlier).
+    pub async fn dead(&self, queue: &str, n: usize) -> Vec<DeadLetter> {
         use stem::Broker;
-        self.broker.dlq_list(queue, 0, 1000).await.unwrap()
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let dead = self.broker.dlq_list(queue, 0, 1000).await.unwrap();
+            if dead.len() >= n || tokio::time::Instant::now() >= give_up {
+                return dead;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -61,7 +61,7 @@ async fn retries_until_success() {
     assert_eq!(FLAKY_RUNS.load(Ordering::SeqCst), 3);
     assert_eq!(retried.load(Ordering::SeqCst), 2);
     assert_eq!(app.status(h.id()).await.attempt, 2);
-    assert!(app.dead("default").await.is_empty(), "a retry is not a dead letter");
+    assert!(app.dead("default", 0).await.is_empty(), "a retry is not a dead letter");
     worker.shutdown().await.unwrap();
 }
 
@@ -86,7 +86,7 @@ async fn exhausted_retries_fail_and_dead_letter() {
         other => panic!("expected failure, got {other:?}"),
     }
     assert_eq!(ALWAYS_RUNS.load(Ordering::SeqCst), 3, "one run plus two retries");
-    let dead = app.dead("default").await;
+    let dead = app.dead("default", 1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, "max-retries-exceeded");
     assert!(dead[0].detail.contains("it always fails"));
@@ -149,7 +149,7 @@ async fn fatal_errors_and_filtered_kinds_are_not_retried() {
     assert!(matches!(b.wait(WAIT).await, Err(WaitError::Failed { .. })));
     assert_eq!(FATAL_RUNS.load(Ordering::SeqCst), 1, "fatal is never retried");
     assert_eq!(FILTERED_RUNS.load(Ordering::SeqCst), 2, "`timeout` retried once, `http` not");
-    let reasons: Vec<_> = app.dead("default").await.into_iter().map(|d| d.reason).collect();
+    let reasons: Vec<_> = app.dead("default", 2).await.into_iter().map(|d| d.reason).collect();
     assert_eq!(reasons, vec!["task-failed", "task-failed"]);
     worker.shutdown().await.unwrap();
 }
@@ -185,7 +185,7 @@ async fn unknown_task_is_dead_lettered_and_worker_goes_on() {
     let status = ghost.wait_status(WAIT).await.unwrap();
     assert_eq!(status.state, TaskState::Failed);
     assert_eq!(status.error.unwrap().kind, "unregistered-task");
-    let dead = app.dead("default").await;
+    let dead = app.dead("default", 1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, "unregistered-task");
     assert!(dead[0].detail.contains("outcomes.ghost"));
@@ -219,7 +219,7 @@ async fn undecodable_arguments_fail_once_with_a_clear_reason() {
         assert_eq!(s.error.as_ref().unwrap().kind, "invalid-args");
         assert!(!s.error.unwrap().retryable);
     }
-    let dead = app.dead("default").await;
+    let dead = app.dead("default", 2).await;
     assert_eq!(dead.len(), 2, "each dead-lettered once, never retried");
     assert!(dead.iter().all(|d| d.reason == "invalid-args"));
     let details: Vec<_> = dead.iter().map(|d| d.detail.as_str()).collect();
