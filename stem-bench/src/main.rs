@@ -1,25 +1,43 @@
-//! `stem-bench`: throughput and latency of a Stem pipeline on a given adapter.
+//! `stem-bench`: throughput and latency of a Stem pipeline on a given adapter, plus
+//! separate-process commands for multi-process runs.
 //!
 //! ```text
 //! cargo run --release --bin stem-bench -- drain --url memory:// --tasks 200000 --concurrency 16
-//! cargo run --release --bin stem-bench -- latency --url memory:// --tasks 2000
+//! cargo run --release --bin stem-bench -- latency --url redis://127.0.0.1:6379/1 --tasks 2000
+//! stem-bench enqueue --url redis://127.0.0.1:6379/1?ns=run1 --tasks 2000 --task-ms 5
+//! stem-bench worker  --url redis://127.0.0.1:6379/1?ns=run1 --concurrency 16   # until SIGTERM
+//! stem-bench count   --url redis://127.0.0.1:6379/1?ns=run1
 //! ```
-//! Each command prints one JSON line.
+//! Each measuring command prints one JSON line on stdout; logs go to stderr.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use stem::backend::{ResultBackend, TaskState};
+use stem::broker::Broker;
+use stem::{Registry, Signature, Stem, TaskContext, TaskError, TaskId, Worker, WorkerConfig};
 
 /// mimalloc keeps allocation cheap and contention-free across worker threads; we recommend
 /// it for high-throughput workers, and the figures in docs/benchmarks.md are measured with it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use serde_json::json;
-use stem::backend::ResultBackend;
-use stem::broker::Broker;
-use stem::{Registry, Signature, Stem, TaskContext, TaskError, Worker};
+/// The queue every bench task goes to.
+const QUEUE: &str = "bench";
+
+/// `enqueue` gives task `i` the id `ID_BASE + i`, so `count` can find every task of a run
+/// without a list of ids (namespaces keep runs apart).
+const ID_BASE: u128 = 0x0000_5e4d_be4c_7000_8000_0000_0000_0000;
+
+/// Group that records how many tasks `enqueue` sent (its total), read back by `count`.
+const RUN_GROUP: u128 = 0x0000_5e4d_be4c_7000_8000_ffff_ffff_ffff;
+
+/// Print one line per task run on stdout (`worker --log-runs`), to count duplicate runs.
+static LOG_RUNS: AtomicBool = AtomicBool::new(false);
 
 /// The benchmark task: takes `{"i": n, "ms": MS}`, sleeps MS milliseconds, returns `i`.
 struct Echo;
@@ -29,11 +47,15 @@ impl stem::Task for Echo {
     type Output = u64;
     const NAME: &'static str = "bench.echo";
     const PARAMS: &'static [&'static str] = &["i", "ms"];
-    const OPTIONS: stem::TaskOptions = stem::TaskOptions::new().queue("bench");
+    const OPTIONS: stem::TaskOptions = stem::TaskOptions::new().queue(QUEUE);
 
     async fn run(_ctx: TaskContext, (i, ms): Self::Args) -> Result<u64, TaskError> {
         if let Some(ms) = ms.filter(|ms| *ms > 0) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if LOG_RUNS.load(Ordering::Relaxed) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "ran {i}");
         }
         Ok(i)
     }
@@ -50,7 +72,8 @@ struct Cli {
 enum Command {
     /// Enqueue N tasks, then run a worker until all N results are stored.
     Drain {
-        /// Adapter URL (memory://).
+        /// Adapter URL (memory://, redis://, rediss://, postgres://, sqlite://). Without an
+        /// `ns=` parameter each run gets a fresh namespace.
         #[arg(long, default_value = "memory://")]
         url: String,
         /// Number of tasks.
@@ -65,37 +88,72 @@ enum Command {
     },
     /// Enqueue one task, wait for its result, repeat; report percentiles.
     Latency {
-        /// Adapter URL (memory://).
+        /// Adapter URL.
         #[arg(long, default_value = "memory://")]
         url: String,
         /// Number of round trips.
         #[arg(long, default_value_t = 1000)]
         tasks: u64,
     },
+    /// Enqueue N tasks for separate `worker` processes (URL used as given).
+    Enqueue {
+        /// Adapter URL (use `?ns=` to share a namespace with the workers).
+        #[arg(long)]
+        url: String,
+        /// Number of tasks.
+        #[arg(long)]
+        tasks: u64,
+        /// Milliseconds each task sleeps.
+        #[arg(long, default_value_t = 0)]
+        task_ms: u64,
+    },
+    /// Run a worker on the bench queue until SIGTERM or Ctrl-C, then shut down gracefully.
+    Worker {
+        /// Adapter URL (used as given).
+        #[arg(long)]
+        url: String,
+        /// Tasks running at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Lease length in milliseconds (how soon a killed worker's tasks come back).
+        #[arg(long, default_value_t = 15_000)]
+        visibility_timeout_ms: u64,
+        /// Grace period of a graceful shutdown, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        grace_ms: u64,
+        /// Print `ran <i>` on stdout for every task run.
+        #[arg(long)]
+        log_runs: bool,
+    },
+    /// Count the outcomes of the tasks `enqueue` sent.
+    Count {
+        /// Adapter URL (used as given).
+        #[arg(long)]
+        url: String,
+    },
 }
 
-type Adapters = (Arc<dyn Broker>, Arc<dyn ResultBackend>);
+struct Adapters {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+}
 
-fn connect(url: &str) -> Result<Adapters, Box<dyn std::error::Error>> {
-    // Every Redis run starts from an empty namespace: a fresh `ns` unless the URL names one,
-    // and the bench queue purged either way (leftovers of an interrupted run never count).
-    let url = if url.starts_with("redis") && !url.contains("ns=") {
+/// Connect; `fresh` gives a URL without `ns=` a namespace of its own, and the bench queue is
+/// purged, so leftovers of an interrupted run never count.
+async fn connect(url: &str, fresh: bool) -> Result<Adapters, Box<dyn std::error::Error>> {
+    let url = if fresh && !url.starts_with("memory") && !url.contains("ns=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        format!("{url}{sep}ns=bench-{}-{nanos}", std::process::id())
+        format!("{url}{sep}ns=bench_{}_{nanos}", std::process::id())
     } else {
         url.to_owned()
     };
-    let runtime = tokio::runtime::Handle::current();
-    let adapters = tokio::task::block_in_place(|| {
-        runtime.block_on(async {
-            let a = stem_adapters::connect(&url).await?;
-            a.broker.purge("bench").await?;
-            Ok::<_, stem::Error>(a)
-        })
-    })?;
-    Ok((adapters.broker, adapters.backend))
+    let adapters = stem_adapters::connect(&url).await?;
+    if fresh {
+        adapters.broker.purge(QUEUE).await?;
+    }
+    Ok(Adapters { broker: adapters.broker, backend: adapters.backend })
 }
 
 fn adapter_name(url: &str) -> &str {
@@ -118,6 +176,10 @@ fn registry() -> Result<Arc<Registry>, stem::RegistryError> {
     Ok(Arc::new(Registry::new().register::<Echo>().build()?))
 }
 
+fn producer(a: &Adapters, registry: &Arc<Registry>) -> Stem {
+    Stem::builder(Arc::clone(&a.broker), Arc::clone(&a.backend)).registry(Arc::clone(registry)).build()
+}
+
 fn emit(value: serde_json::Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{value}")
@@ -128,38 +190,44 @@ fn round(x: f64, places: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// Enqueue `tasks` echo tasks in batches; with `ids`, task `i` gets the id `ID_BASE + i`.
+async fn enqueue_all(stem: &Stem, tasks: u64, task_ms: u64, ids: bool) -> Result<f64, stem::Error> {
+    let ms = (task_ms > 0).then_some(task_ms);
+    let t0 = Instant::now();
+    let mut next = 0;
+    while next < tasks {
+        let end = (next + 5_000).min(tasks);
+        stem.enqueue_many((next..end).map(|i| {
+            let sig = Signature::<Echo>::new((i, ms));
+            if ids { sig.task_id(TaskId(uuid::Uuid::from_u128(ID_BASE + u128::from(i)))) } else { sig }
+        }))
+        .await?;
+        next = end;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 async fn drain(
     url: &str,
     tasks: u64,
     concurrency: usize,
     task_ms: u64,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (broker, backend) = connect(url)?;
+    let a = connect(url, true).await?;
     let registry = registry()?;
-    let stem =
-        Stem::builder(Arc::clone(&broker), Arc::clone(&backend)).registry(Arc::clone(&registry)).build();
+    let stem = producer(&a, &registry);
+    let enqueue_s = enqueue_all(&stem, tasks, task_ms, false).await?;
 
-    let ms = (task_ms > 0).then_some(task_ms);
-    let t0 = Instant::now();
-    let mut next = 0;
-    while next < tasks {
-        let end = (next + 5_000).min(tasks);
-        stem.enqueue_many((next..end).map(|i| Signature::<Echo>::new((i, ms)))).await?;
-        next = end;
-    }
-    let enqueue_s = t0.elapsed().as_secs_f64();
-
-    let worker = Worker::builder(Arc::clone(&broker), backend)
+    let worker = Worker::builder(Arc::clone(&a.broker), Arc::clone(&a.backend))
         .registry(registry)
-        .queues(["bench"])
+        .queues([QUEUE])
         .concurrency(concurrency)
-        .track_started(std::env::var_os("NO_TRACK").is_none())
         .build()?;
     let t1 = Instant::now();
     let handle = worker.spawn();
     // Acks follow stored outcomes, so an empty queue means every result is stored.
     loop {
-        let c = broker.counts("bench").await?;
+        let c = a.broker.counts(QUEUE).await?;
         if c.pending + c.in_flight + c.delayed == 0 {
             break;
         }
@@ -182,12 +250,14 @@ async fn drain(
 }
 
 async fn latency(url: &str, tasks: u64) -> Result<(), Box<dyn std::error::Error>> {
-    let (broker, backend) = connect(url)?;
+    let a = connect(url, true).await?;
     let registry = registry()?;
-    let stem =
-        Stem::builder(Arc::clone(&broker), Arc::clone(&backend)).registry(Arc::clone(&registry)).build();
-    let worker =
-        Worker::builder(broker, backend).registry(registry).queues(["bench"]).concurrency(4).build()?;
+    let stem = producer(&a, &registry);
+    let worker = Worker::builder(Arc::clone(&a.broker), Arc::clone(&a.backend))
+        .registry(registry)
+        .queues([QUEUE])
+        .concurrency(4)
+        .build()?;
     let handle = worker.spawn();
     let mut samples = Vec::with_capacity(usize::try_from(tasks).unwrap_or(0));
     for i in 0..tasks {
@@ -215,18 +285,92 @@ async fn latency(url: &str, tasks: u64) -> Result<(), Box<dyn std::error::Error>
     Ok(())
 }
 
+async fn enqueue(url: &str, tasks: u64, task_ms: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, false).await?;
+    let registry = registry()?;
+    let stem = producer(&a, &registry);
+    let run = TaskId(uuid::Uuid::from_u128(RUN_GROUP));
+    a.backend.group_init(run, usize::try_from(tasks)?).await?;
+    let seconds = enqueue_all(&stem, tasks, task_ms, true).await?;
+    emit(
+        json!({ "enqueued": tasks, "seconds": round(seconds, 3), "rate": round(tasks as f64 / seconds, 0) }),
+    )?;
+    Ok(())
+}
+
+async fn worker(
+    url: &str,
+    concurrency: usize,
+    visibility_timeout: Duration,
+    grace: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, false).await?;
+    let mut config = WorkerConfig::default();
+    config.queues = vec![QUEUE.to_owned()];
+    config.concurrency = concurrency.max(1);
+    config.visibility_timeout = visibility_timeout;
+    config.shutdown_grace = grace;
+    let worker = Worker::builder(a.broker, a.backend).registry(registry()?).config(config).build()?;
+    tracing::info!(worker = worker.id(), "stem-bench worker ready");
+    worker.run_until_signal().await?;
+    Ok(())
+}
+
+async fn count(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, false).await?;
+    let run = TaskId(uuid::Uuid::from_u128(RUN_GROUP));
+    let Some(group) = a.backend.group_get(run).await? else {
+        return Err(format!("no `stem-bench enqueue` run found at {url}").into());
+    };
+    let total = group.counts.total as u128;
+    let (mut succeeded, mut failed, mut pending) = (0u64, 0u64, 0u64);
+    let mut next = 0u128;
+    while next < total {
+        let end = (next + 256).min(total);
+        let mut reads = tokio::task::JoinSet::new();
+        for i in next..end {
+            let backend = Arc::clone(&a.backend);
+            reads.spawn(async move { backend.get(TaskId(uuid::Uuid::from_u128(ID_BASE + i))).await });
+        }
+        while let Some(read) = reads.join_next().await {
+            match read??.map(|s| s.state) {
+                Some(TaskState::Succeeded) => succeeded += 1,
+                Some(TaskState::Failed | TaskState::Cancelled) => failed += 1,
+                _ => pending += 1,
+            }
+        }
+        next = end;
+    }
+    let dead = a.broker.counts(QUEUE).await?.dead;
+    emit(json!({ "succeeded": succeeded, "failed": failed, "pending": pending, "dead": dead }))?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_filter = if matches!(cli.command, Command::Worker { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Drain { url, tasks, concurrency, task_ms } => drain(&url, tasks, concurrency, task_ms).await,
         Command::Latency { url, tasks } => latency(&url, tasks).await,
+        Command::Enqueue { url, tasks, task_ms } => enqueue(&url, tasks, task_ms).await,
+        Command::Worker { url, concurrency, visibility_timeout_ms, grace_ms, log_runs } => {
+            LOG_RUNS.store(log_runs, Ordering::Relaxed);
+            worker(
+                &url,
+                concurrency,
+                Duration::from_millis(visibility_timeout_ms),
+                Duration::from_millis(grace_ms),
+            )
+            .await
+        }
+        Command::Count { url } => count(&url).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
