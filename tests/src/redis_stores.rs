@@ -29,7 +29,12 @@ impl StoreHarness for RedisStoreHarness {
         let namespace = namespace.to_owned();
         Box::pin(async move {
             let stores = Arc::new(RedisStores::new(self.redis.connection().await, &namespace));
-            Stores { locks: stores.clone(), revokes: stores.clone(), rate_limiter: stores.clone(), unique: stores }
+            Stores {
+                locks: stores.clone(),
+                revokes: stores.clone(),
+                rate_limiter: stores.clone(),
+                unique: stores,
+            }
         })
     }
 }
