@@ -14,11 +14,13 @@ for i = 3, #ARGV, 5 do
   local attempt = tonumber(ARGV[i + 1])
   local term = ARGV[i + 2]
   local rk = ns .. ':r:' .. id
+  local value = ARGV[i + 4]
+  -- One call writes and returns the previous record; a fenced-out write puts it back.
+  local old = redis.call('SET', rk, value, 'PX', ttl, 'GET')
   local ok = true
   local has_prog_key = false
-  local cur = redis.call('GETRANGE', rk, 0, 23)
-  if cur ~= '' then
-    local a, t, p = string.match(cur, '^(%d+):(%d):(%d)|')
+  if old then
+    local a, t, p = string.match(old, '^(%d+):(%d):(%d)|')
     if a then
       has_prog_key = p == '1'
       a = tonumber(a)
@@ -28,10 +30,11 @@ for i = 3, #ARGV, 5 do
         ok = not (t == '1' and term == '0')
       end
     end
+    if not ok then
+      redis.call('SET', rk, old, 'PX', ttl)
+    end
   end
   if ok then
-    local value = ARGV[i + 4]
-    redis.call('SET', rk, value, 'PX', ttl)
     local prog = false
     if has_prog_key then
       local pk = ns .. ':p:' .. id
