@@ -33,6 +33,16 @@ pub enum Error {
     /// Bad configuration (URL, option value, environment variable).
     #[error("configuration: {0}")]
     Config(String),
+    /// A task's encoded arguments and metadata exceed the producer's limit.
+    #[error("task `{task}`: arguments and metadata are {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Task name.
+        task: String,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The component is shutting down.
     #[error("shutting down")]
     Shutdown,

@@ -28,6 +28,23 @@ struct Inner {
     registry: Option<Arc<Registry>>,
     unique: Option<Arc<dyn UniqueStore>>,
     revokes: Option<Arc<dyn RevokeStore>>,
+    max_payload_bytes: usize,
+}
+
+/// Default limit of a task's encoded arguments plus metadata ([`StemBuilder::max_payload_bytes`]).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Counts bytes written, to size a payload without keeping it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How long a revoke is remembered (longer than any sensible task lifetime).
@@ -42,9 +59,17 @@ pub struct StemBuilder {
     registry: Option<Arc<Registry>>,
     unique: Option<Arc<dyn UniqueStore>>,
     revokes: Option<Arc<dyn RevokeStore>>,
+    max_payload_bytes: usize,
 }
 
 impl StemBuilder {
+    /// Refuse tasks whose encoded arguments plus metadata exceed `bytes` (default 8 MiB) with
+    /// [`Error::PayloadTooLarge`]; large data belongs in storage, passed by reference.
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
     /// Listeners for `BeforePublish` / `AfterPublish` (shared with a worker if you pass the same).
     pub fn signals(mut self, signals: Signals) -> Self {
         self.signals = signals;
@@ -87,6 +112,7 @@ impl StemBuilder {
                 registry: self.registry,
                 unique: self.unique,
                 revokes: self.revokes,
+                max_payload_bytes: self.max_payload_bytes,
             }),
         }
     }
@@ -113,6 +139,7 @@ impl Stem {
             registry: None,
             unique: None,
             revokes: None,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
     }
 
@@ -263,6 +290,9 @@ impl Stem {
     /// The queued record is written first so a fast worker's outcome can never be overwritten
     /// by it.
     pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        for env in &envelopes {
+            self.check_size(env)?;
+        }
         let signals = &self.inner.signals;
         for env in &envelopes {
             signals.emit(|| BeforePublish { envelope: env.clone() });
@@ -274,6 +304,19 @@ impl Stem {
         self.inner.broker.publish(envelopes).await?;
         for envelope in published.into_iter().flatten() {
             signals.emit(|| AfterPublish { envelope });
+        }
+        Ok(())
+    }
+
+    /// Refuse an envelope whose arguments and metadata exceed the size limit, before anything
+    /// is written: a clear error at the call site instead of a broker failure later.
+    fn check_size(&self, env: &Envelope) -> Result<()> {
+        let limit = self.inner.max_payload_bytes;
+        let mut counter = ByteCounter(0);
+        serde_json::to_writer(&mut counter, &env.args)?;
+        serde_json::to_writer(&mut counter, &env.meta)?;
+        if counter.0 > limit {
+            return Err(Error::PayloadTooLarge { task: env.task.clone(), size: counter.0, limit });
         }
         Ok(())
     }

@@ -295,3 +295,20 @@ async fn bulk_and_by_name_enqueue() {
     assert_eq!(raw.wait(WAIT).await.unwrap(), json!(11));
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_refused_at_enqueue_and_nothing_is_stored() {
+    use stem::Broker;
+    let app = TestApp::new(Registry::new().register::<typed>());
+    let stem = stem::Stem::builder(app.broker.clone(), app.backend.clone()).max_payload_bytes(1024).build();
+    let err = match stem.enqueue(typed::new(1, "x".repeat(4096))).await {
+        Err(e) => e,
+        Ok(h) => panic!("an oversized task was accepted: {}", h.id()),
+    };
+    assert!(matches!(err, stem::Error::PayloadTooLarge { size, limit: 1024, .. } if size > 4096), "{err}");
+    assert!(err.to_string().contains("outcomes.typed"), "{err}");
+    assert_eq!(app.broker.counts("default").await.unwrap().pending, 0, "nothing was published");
+    let ok = stem.enqueue(typed::new(1, "small")).await.unwrap();
+    assert_eq!(app.broker.counts("default").await.unwrap().pending, 1);
+    assert!(ok.status().await.unwrap().is_some());
+}
