@@ -24,6 +24,16 @@ pub mod url;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[path = "postgres/sql_shared.rs"]
+mod sql_shared;
+
 use std::sync::Arc;
 
 use stem::backend::ResultBackend;
@@ -52,6 +62,15 @@ impl std::fmt::Debug for Adapters {
 /// few seconds, or fail with an error naming the URL) and need the `redis` feature. Any other
 /// URL is an [`stem::Error::Config`] naming it, password masked.
 pub async fn connect(url: &str) -> Result<Adapters, stem::Error> {
+    // SQL URLs carry their own syntax (paths, `sqlite::memory:`): route them before the
+    // key-value URL parser.
+    let lower = url.trim().to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        return connect_postgres(url.trim()).await;
+    }
+    if lower.starts_with("sqlite:") {
+        return connect_sqlite(url.trim()).await;
+    }
     let parsed = url::parse(url)?;
     match parsed.scheme {
         Scheme::Memory => Ok(Adapters {
@@ -72,5 +91,31 @@ async fn connect_redis(url: &AdapterUrl) -> Result<Adapters, stem::Error> {
     Err(stem::Error::Config(format!(
         "`{}` needs the Redis adapter: enable the `redis` feature of stem-adapters",
         url.masked()
+    )))
+}
+
+#[cfg(feature = "postgres")]
+async fn connect_postgres(url: &str) -> Result<Adapters, stem::Error> {
+    postgres::connect(url).await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn connect_postgres(url: &str) -> Result<Adapters, stem::Error> {
+    Err(stem::Error::Config(format!(
+        "`{}` needs the Postgres adapter: enable the `postgres` feature of stem-adapters",
+        url::mask(url)
+    )))
+}
+
+#[cfg(feature = "sqlite")]
+async fn connect_sqlite(url: &str) -> Result<Adapters, stem::Error> {
+    sqlite::connect(url).await
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn connect_sqlite(url: &str) -> Result<Adapters, stem::Error> {
+    Err(stem::Error::Config(format!(
+        "`{}` needs the SQLite adapter: enable the `sqlite` feature of stem-adapters",
+        url::mask(url)
     )))
 }

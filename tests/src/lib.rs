@@ -7,8 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod contract;
+pub mod postgres;
 pub mod redis;
 pub mod redis_stores;
+pub mod sqlite;
 pub mod store_contract;
 pub mod support;
 

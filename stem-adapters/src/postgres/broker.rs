@@ -1,0 +1,669 @@
+//! The Postgres broker: a `jobs` table claimed with `FOR UPDATE SKIP LOCKED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use stem::broker::{
+    BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
+};
+use stem::envelope::{Envelope, MAX_PRIORITY};
+use stem::error::Result;
+use tokio::time::Instant;
+
+use super::{PgStore, db_err};
+use crate::sql_shared::{dead_letter, millis};
+
+/// Broker on a `jobs` table in the namespace's schema.
+///
+/// Claims take a batch in one statement (`UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED
+/// LIMIT n) RETURNING …`), reclaiming expired leases in the same statement. Each delivery
+/// bumps the row's `token`, which is the receipt's lease number: ack, nack, retry,
+/// dead-letter and lease extension all require the token, so a stale worker touches
+/// nothing. Publishes and requeues send `NOTIFY`; an idle consumer sleeps on the listener,
+/// re-checking at least every [`PgOptions::fallback_poll`](super::PgOptions::fallback_poll)
+/// and at the next due `run_at` or lease deadline.
+#[derive(Clone)]
+pub struct PgBroker {
+    store: PgStore,
+    sql: Arc<Sql>,
+}
+
+impl std::fmt::Debug for PgBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBroker").field("store", &self.store).finish()
+    }
+}
+
+/// Statements, with the schema filled in.
+pub(crate) struct Sql {
+    pub(crate) publish: String,
+    claim_one: String,
+    claim_many: String,
+    next_due: String,
+    malformed: String,
+    ack: String,
+    nack_requeue: String,
+    nack_drop: String,
+    retry: String,
+    extend: String,
+    dead_letter: String,
+    dlq_list: String,
+    dlq_get: String,
+    dlq_select: String,
+    dlq_delete: String,
+    dlq_purge: String,
+    purge: String,
+    counts: String,
+    subscribe: String,
+    unsubscribe: String,
+    unsubscribe_inbox: String,
+    broadcast: String,
+    take_broadcast: String,
+}
+
+impl Sql {
+    pub(crate) fn new(s: &str) -> Self {
+        let claim = |filter: &str, order: &str| {
+            format!(
+                "WITH expired AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
+                   WHERE state = 'leased' AND lease_until <= now() AND {filter} \
+                   ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 due AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
+                   WHERE state = 'ready' AND {filter} AND run_at <= now() \
+                   ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 pick AS (SELECT id FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) c \
+                   ORDER BY {order} LIMIT $2) \
+                 UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
+                   deliveries = j.deliveries + 1, consumer = $4, \
+                   lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond' \
+                 FROM pick WHERE j.id = pick.id \
+                 RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload"
+            )
+        };
+        Sql {
+            publish: format!(
+                "WITH ins AS (INSERT INTO {s}.jobs (queue, priority, run_at, lease_ms, task_id, payload) \
+                   SELECT q, p, coalesce(r, now()), l, t, pl \
+                   FROM unnest($1::text[], $2::int2[], $3::timestamptz[], $4::int8[], $5::uuid[], $6::text[]) \
+                     AS u(q, p, r, l, t, pl) RETURNING 1) \
+                 SELECT count(*) FROM (SELECT 1 FROM ins LIMIT 1) x, LATERAL (SELECT pg_notify($7, 'j')) n"
+            ),
+            claim_one: claim("queue = $1[1]", "priority DESC, run_at, id"),
+            claim_many: claim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
+            next_due: format!(
+                "SELECT (EXTRACT(EPOCH FROM (least( \
+                   (SELECT min(run_at) FROM {s}.jobs WHERE state = 'ready' AND queue = ANY($1)), \
+                   (SELECT min(lease_until) FROM {s}.jobs WHERE state = 'leased' AND queue = ANY($1)) \
+                 ) - clock_timestamp())) * 1000)::float8"
+            ),
+            malformed: format!(
+                "WITH d AS (DELETE FROM {s}.jobs WHERE id = $1 RETURNING queue, payload) \
+                 INSERT INTO {s}.dead_letters (queue, reason, detail, payload) \
+                 SELECT queue, $2, $3, payload FROM d"
+            ),
+            ack: format!(
+                "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int8[]) AS a(id, token) \
+                 WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased'"
+            ),
+            nack_requeue: format!(
+                "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                 SELECT count(*) FROM u, LATERAL (SELECT pg_notify($3, 'j')) n"
+            ),
+            nack_drop: format!("DELETE FROM {s}.jobs WHERE id = $1 AND token = $2 AND state = 'leased'"),
+            retry: format!(
+                "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL, \
+                   deliveries = 0, queue = $3, priority = $4, run_at = coalesce($5, now()), \
+                   lease_ms = $6, payload = $7 \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                 SELECT count(*) FROM u, LATERAL (SELECT pg_notify($8, 'j')) n"
+            ),
+            extend: format!(
+                "UPDATE {s}.jobs SET lease_until = now() + $3 * interval '1 millisecond' \
+                 WHERE id = $1 AND token = $2 AND state = 'leased' AND lease_until > now()"
+            ),
+            dead_letter: format!(
+                "WITH d AS (DELETE FROM {s}.jobs WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                 INSERT INTO {s}.dead_letters (queue, reason, detail, payload) \
+                 SELECT $3, $4, $5, $6 FROM d"
+            ),
+            dlq_list: format!(
+                "SELECT id, queue, reason, detail, payload, dead_at FROM {s}.dead_letters \
+                 WHERE queue = $1 ORDER BY id OFFSET $2 LIMIT $3"
+            ),
+            dlq_get: format!(
+                "SELECT id, queue, reason, detail, payload, dead_at FROM {s}.dead_letters \
+                 WHERE queue = $1 AND id = $2"
+            ),
+            dlq_select: format!(
+                "SELECT id, payload FROM {s}.dead_letters \
+                 WHERE queue = $1 AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) ORDER BY id FOR UPDATE"
+            ),
+            dlq_delete: format!("DELETE FROM {s}.dead_letters WHERE id = ANY($1)"),
+            dlq_purge: format!("DELETE FROM {s}.dead_letters WHERE queue = $1"),
+            purge: format!("DELETE FROM {s}.jobs WHERE queue = $1 AND state = 'ready'"),
+            counts: format!(
+                "SELECT \
+                   count(*) FILTER (WHERE (state = 'ready' AND run_at <= now()) \
+                     OR (state = 'leased' AND lease_until <= now())), \
+                   count(*) FILTER (WHERE state = 'ready' AND run_at > now()), \
+                   count(*) FILTER (WHERE state = 'leased' AND lease_until > now()), \
+                   (SELECT count(*) FROM {s}.dead_letters WHERE queue = $1) \
+                 FROM {s}.jobs WHERE queue = $1"
+            ),
+            subscribe: format!(
+                "INSERT INTO {s}.broadcast_subscriptions (channel, subscriber) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING"
+            ),
+            unsubscribe: format!(
+                "DELETE FROM {s}.broadcast_subscriptions WHERE channel = $1 AND subscriber = $2"
+            ),
+            unsubscribe_inbox: format!(
+                "DELETE FROM {s}.broadcast_messages WHERE channel = $1 AND subscriber = $2"
+            ),
+            broadcast: format!(
+                "WITH ins AS (INSERT INTO {s}.broadcast_messages (channel, subscriber, payload) \
+                   SELECT channel, subscriber, $2 FROM {s}.broadcast_subscriptions WHERE channel = $1 \
+                   RETURNING 1) \
+                 SELECT count(*) FROM (SELECT 1 FROM ins LIMIT 1) x, LATERAL (SELECT pg_notify($3, 'b')) n"
+            ),
+            take_broadcast: format!(
+                "DELETE FROM {s}.broadcast_messages WHERE id IN (SELECT id FROM {s}.broadcast_messages \
+                   WHERE channel = $1 AND subscriber = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, payload"
+            ),
+        }
+    }
+}
+
+/// Columns of a batch insert into `jobs`.
+#[derive(Default)]
+pub(crate) struct JobRows {
+    pub(crate) queues: Vec<String>,
+    pub(crate) priorities: Vec<i16>,
+    pub(crate) run_at: Vec<Option<DateTime<Utc>>>,
+    pub(crate) lease_ms: Vec<Option<i64>>,
+    pub(crate) task_ids: Vec<uuid::Uuid>,
+    pub(crate) payloads: Vec<String>,
+}
+
+impl JobRows {
+    pub(crate) fn push(&mut self, env: &Envelope) -> Result<()> {
+        self.payloads.push(serde_json::to_string(env).map_err(stem::Error::broker)?);
+        self.queues.push(env.queue.clone());
+        self.priorities.push(i16::from(env.priority.min(MAX_PRIORITY)));
+        self.run_at.push(env.not_before);
+        self.lease_ms.push(env.visibility_timeout.map(millis));
+        self.task_ids.push(env.id.0);
+        Ok(())
+    }
+
+    pub(crate) fn bind<'q>(
+        self,
+        sql: &'q str,
+        channel: &str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .bind(self.queues)
+            .bind(self.priorities)
+            .bind(self.run_at)
+            .bind(self.lease_ms)
+            .bind(self.task_ids)
+            .bind(self.payloads)
+            .bind(channel.to_owned())
+    }
+}
+
+fn parse_tag(receipt: &Receipt) -> Option<(i64, i64)> {
+    Some((receipt.tag.parse().ok()?, i64::try_from(receipt.lease).ok()?))
+}
+
+impl PgBroker {
+    /// A broker on `store`'s namespace.
+    pub fn new(store: PgStore) -> Self {
+        let sql = store.broker_sql();
+        PgBroker { store, sql }
+    }
+
+    /// The store this broker runs on.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+
+    /// One claim round: lease up to `req.max` due rows.
+    async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
+        let pool = self.store.pool();
+        let sql = if req.queues.len() == 1 { &self.sql.claim_one } else { &self.sql.claim_many };
+        let rows = sqlx::query(sql)
+            .bind(&req.queues)
+            .bind(i64::try_from(req.max).unwrap_or(i64::MAX))
+            .bind(millis(req.lease))
+            .bind(&req.consumer)
+            .fetch_all(pool)
+            .await
+            .map_err(db_err)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get(0).map_err(db_err)?;
+            let token: i64 = row.try_get(1).map_err(db_err)?;
+            let deliveries: i32 = row.try_get(2).map_err(db_err)?;
+            let priority: i16 = row.try_get(3).map_err(db_err)?;
+            let run_at: DateTime<Utc> = row.try_get(4).map_err(db_err)?;
+            let queue: String = row.try_get(5).map_err(db_err)?;
+            let payload: String = row.try_get(6).map_err(db_err)?;
+            claimed.push((priority, run_at, id, token, deliveries, queue, payload));
+        }
+        // RETURNING has no order: restore priority, queue preference, then FIFO.
+        let rank = |q: &str| req.queues.iter().position(|x| x == q).unwrap_or(usize::MAX);
+        claimed.sort_by(|a, b| {
+            b.0.cmp(&a.0).then(rank(&a.5).cmp(&rank(&b.5))).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        });
+        let mut out = Vec::with_capacity(claimed.len());
+        let mut queue_names: Vec<Arc<str>> = Vec::new();
+        for (_, _, id, token, deliveries, queue, payload) in claimed {
+            match Envelope::from_json(payload.as_bytes()) {
+                Ok(env) => {
+                    let q = match queue_names.iter().find(|q| ***q == *queue) {
+                        Some(q) => Arc::clone(q),
+                        None => {
+                            let q: Arc<str> = Arc::from(queue.as_str());
+                            queue_names.push(Arc::clone(&q));
+                            q
+                        }
+                    };
+                    out.push(Delivery {
+                        envelope: Arc::new(env),
+                        receipt: Receipt {
+                            queue: q,
+                            tag: id.to_string(),
+                            lease: u64::try_from(token).unwrap_or(0),
+                        },
+                        redelivered: deliveries > 1,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ");
+                    sqlx::query(&self.sql.malformed)
+                        .bind(id)
+                        .bind(REASON_MALFORMED)
+                        .bind(e.to_string())
+                        .execute(pool)
+                        .await
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Milliseconds until the next delayed row is due or lease expires, if any.
+    async fn next_due(&self, queues: &[String]) -> Result<Option<f64>> {
+        sqlx::query_scalar::<_, Option<f64>>(&self.sql.next_due)
+            .bind(queues)
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(db_err)
+    }
+
+    async fn insert(&self, envelopes: &[Envelope]) -> Result<()> {
+        let mut rows = JobRows::default();
+        for env in envelopes {
+            rows.push(env)?;
+        }
+        rows.bind(&self.sql.publish, self.store.channel())
+            .execute(self.store.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+impl Broker for PgBroker {
+    fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if envelopes.is_empty() {
+                return Ok(());
+            }
+            self.insert(&envelopes).await
+        })
+    }
+
+    fn consume<'a>(&'a self, req: &'a ConsumeRequest) -> BoxFuture<'a, Result<Vec<Delivery>>> {
+        Box::pin(async move {
+            let give_up = Instant::now() + req.wait;
+            if req.max == 0 {
+                return Ok(Vec::new());
+            }
+            if !req.wait.is_zero() {
+                self.store.listening().await;
+            }
+            let hub = Arc::clone(self.store.hub());
+            loop {
+                let notified = hub.jobs.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let out = self.claim(req).await?;
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                let now = Instant::now();
+                if now >= give_up {
+                    return Ok(Vec::new());
+                }
+                let mut wake = give_up.min(now + self.store.fallback_poll());
+                if let Some(ms) = self.next_due(&req.queues).await? {
+                    let due = Duration::from_secs_f64((ms.max(0.0) + 1.0) / 1000.0);
+                    wake = wake.min(Instant::now() + due);
+                }
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(wake) => {}
+                }
+            }
+        })
+    }
+
+    fn ack(&self, receipts: Vec<Receipt>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let (ids, tokens): (Vec<i64>, Vec<i64>) = receipts.iter().filter_map(parse_tag).unzip();
+            if ids.is_empty() {
+                return Ok(());
+            }
+            sqlx::query(&self.sql.ack)
+                .bind(ids)
+                .bind(tokens)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn nack(&self, receipt: Receipt, requeue: bool) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let pool = self.store.pool();
+            if requeue {
+                let n: i64 = sqlx::query_scalar(&self.sql.nack_requeue)
+                    .bind(id)
+                    .bind(token)
+                    .bind(self.store.channel())
+                    .fetch_one(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(n > 0)
+            } else {
+                let r = sqlx::query(&self.sql.nack_drop)
+                    .bind(id)
+                    .bind(token)
+                    .execute(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected() > 0)
+            }
+        })
+    }
+
+    fn retry(&self, receipt: Receipt, envelope: Envelope) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            let n: i64 = sqlx::query_scalar(&self.sql.retry)
+                .bind(id)
+                .bind(token)
+                .bind(&envelope.queue)
+                .bind(i16::from(envelope.priority.min(MAX_PRIORITY)))
+                .bind(envelope.not_before)
+                .bind(envelope.visibility_timeout.map(millis))
+                .bind(payload)
+                .bind(self.store.channel())
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(n > 0)
+        })
+    }
+
+    fn extend_lease<'a>(&'a self, receipt: &'a Receipt, lease: Duration) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(receipt) else { return Ok(false) };
+            let r = sqlx::query(&self.sql.extend)
+                .bind(id)
+                .bind(token)
+                .bind(millis(lease))
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    fn dead_letter(
+        &self,
+        receipt: Receipt,
+        envelope: Envelope,
+        reason: &str,
+        detail: String,
+    ) -> BoxFuture<'_, Result<bool>> {
+        let reason = reason.to_owned();
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            let r = sqlx::query(&self.sql.dead_letter)
+                .bind(id)
+                .bind(token)
+                .bind(&*receipt.queue)
+                .bind(reason)
+                .bind(detail)
+                .bind(payload)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    fn dlq_list<'a>(
+        &'a self,
+        queue: &'a str,
+        offset: usize,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
+        Box::pin(async move {
+            let rows =
+                sqlx::query_as::<_, (i64, String, String, String, String, DateTime<Utc>)>(&self.sql.dlq_list)
+                    .bind(queue)
+                    .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(self.store.pool())
+                    .await
+                    .map_err(db_err)?;
+            Ok(rows.into_iter().map(|(id, q, r, d, p, at)| dead_letter(id, q, r, d, p, at)).collect())
+        })
+    }
+
+    fn dlq_get<'a>(&'a self, queue: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<DeadLetter>>> {
+        Box::pin(async move {
+            let Ok(id) = id.parse::<i64>() else { return Ok(None) };
+            let row =
+                sqlx::query_as::<_, (i64, String, String, String, String, DateTime<Utc>)>(&self.sql.dlq_get)
+                    .bind(queue)
+                    .bind(id)
+                    .fetch_optional(self.store.pool())
+                    .await
+                    .map_err(db_err)?;
+            Ok(row.map(|(id, q, r, d, p, at)| dead_letter(id, q, r, d, p, at)))
+        })
+    }
+
+    fn dlq_replay<'a>(
+        &'a self,
+        queue: &'a str,
+        ids: &'a [String],
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let wanted: Vec<i64> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+            if !ids.is_empty() && wanted.is_empty() {
+                return Ok(0);
+            }
+            let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+            let rows = sqlx::query_as::<_, (i64, String)>(&self.sql.dlq_select)
+                .bind(queue)
+                .bind(&wanted)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let not_before = delay.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| Utc::now() + d);
+            let mut taken = Vec::new();
+            let mut envs = Vec::new();
+            for (id, payload) in rows {
+                if let Ok(mut env) = Envelope::from_json(payload.as_bytes()) {
+                    env.attempt = 0;
+                    env.not_before = not_before;
+                    taken.push(id);
+                    envs.push(env);
+                }
+            }
+            if taken.is_empty() {
+                return Ok(0);
+            }
+            sqlx::query(&self.sql.dlq_delete).bind(&taken).execute(&mut *tx).await.map_err(db_err)?;
+            let mut job_rows = JobRows::default();
+            for env in &envs {
+                job_rows.push(env)?;
+            }
+            job_rows.bind(&self.sql.publish, self.store.channel()).execute(&mut *tx).await.map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(taken.len())
+        })
+    }
+
+    fn dlq_purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let r = sqlx::query(&self.sql.dlq_purge)
+                .bind(queue)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(usize::try_from(r.rows_affected()).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let r =
+                sqlx::query(&self.sql.purge).bind(queue).execute(self.store.pool()).await.map_err(db_err)?;
+            Ok(usize::try_from(r.rows_affected()).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
+        Box::pin(async move {
+            let (pending, delayed, in_flight, dead) =
+                sqlx::query_as::<_, (i64, i64, i64, i64)>(&self.sql.counts)
+                    .bind(queue)
+                    .fetch_one(self.store.pool())
+                    .await
+                    .map_err(db_err)?;
+            let n = |x: i64| u64::try_from(x).unwrap_or(0);
+            Ok(QueueCounts {
+                pending: n(pending),
+                delayed: n(delayed),
+                in_flight: n(in_flight),
+                dead: n(dead),
+            })
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str, subscriber: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            sqlx::query(&self.sql.subscribe)
+                .bind(channel)
+                .bind(subscriber)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str, subscriber: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+            for sql in [&self.sql.unsubscribe, &self.sql.unsubscribe_inbox] {
+                sqlx::query(sql).bind(channel).bind(subscriber).execute(&mut *tx).await.map_err(db_err)?;
+            }
+            tx.commit().await.map_err(db_err)
+        })
+    }
+
+    fn broadcast<'a>(&'a self, channel: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            sqlx::query(&self.sql.broadcast)
+                .bind(channel)
+                .bind(payload)
+                .bind(self.store.channel())
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn consume_broadcast<'a>(
+        &'a self,
+        channel: &'a str,
+        subscriber: &'a str,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Envelope>>> {
+        Box::pin(async move {
+            let give_up = Instant::now() + wait;
+            if !wait.is_zero() {
+                self.store.listening().await;
+            }
+            let hub = Arc::clone(self.store.hub());
+            loop {
+                let notified = hub.broadcast.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let mut rows = sqlx::query_as::<_, (i64, String)>(&self.sql.take_broadcast)
+                    .bind(channel)
+                    .bind(subscriber)
+                    .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                    .fetch_all(self.store.pool())
+                    .await
+                    .map_err(db_err)?;
+                if !rows.is_empty() || max == 0 {
+                    rows.sort_by_key(|r| r.0);
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (id, payload) in rows {
+                        match Envelope::from_json(payload.as_bytes()) {
+                            Ok(env) => out.push(env),
+                            Err(e) => {
+                                tracing::warn!(id, channel, error = %e, "dropped a malformed broadcast")
+                            }
+                        }
+                    }
+                    if !out.is_empty() || max == 0 {
+                        return Ok(out);
+                    }
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= give_up {
+                    return Ok(Vec::new());
+                }
+                let wake = give_up.min(now + self.store.fallback_poll());
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(wake) => {}
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,559 @@
+//! The SQLite broker: the same `jobs` model as Postgres, written through the single writer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::Row;
+use stem::broker::{
+    BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
+};
+use stem::envelope::{Envelope, MAX_PRIORITY};
+use stem::error::Result;
+use tokio::time::Instant;
+
+use super::{SqliteStore, db_err, now_ms};
+use crate::sql_shared::{dead_letter, millis};
+
+/// Broker on the `jobs` table of a SQLite database.
+///
+/// A claim is one `UPDATE … WHERE id IN (SELECT … ORDER BY priority DESC, run_at, id LIMIT n)
+/// RETURNING …` on the writer connection (so two claims never overlap), after putting
+/// expired leases back. Each delivery bumps the row's `token`, the receipt's lease number:
+/// ack, nack, retry, dead-letter and lease extension require it. Acks are one statement per
+/// batch. Idle consumers wake on in-process publishes at once and poll for other processes'
+/// writes (see the module docs).
+#[derive(Clone, Debug)]
+pub struct SqliteBroker {
+    store: SqliteStore,
+}
+
+const PUBLISH: &str = "INSERT INTO jobs (queue, priority, run_at, lease_ms, task_id, payload, created_at) \
+     SELECT value->>0, value->>1, coalesce(value->>2, ?2), value->>3, value->>4, value->>5, ?2 \
+     FROM json_each(?1)";
+const RECLAIM: &str =
+    "UPDATE jobs SET state = 'ready', lease_until = NULL WHERE state = 'leased' AND lease_until <= ?1";
+const CLAIM_ONE: &str = "UPDATE jobs SET state = 'leased', token = token + 1, deliveries = deliveries + 1, \
+       consumer = ?4, lease_until = ?1 + coalesce(lease_ms, ?3) \
+     WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND queue = ?2 AND run_at <= ?1 \
+       ORDER BY priority DESC, run_at, id LIMIT ?5) \
+     RETURNING id, token, deliveries, priority, run_at, queue, payload";
+const CLAIM_MANY: &str = "UPDATE jobs SET state = 'leased', token = token + 1, deliveries = deliveries + 1, \
+       consumer = ?4, lease_until = ?1 + coalesce(lease_ms, ?3) \
+     WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' \
+       AND queue IN (SELECT value FROM json_each(?2)) AND run_at <= ?1 \
+       ORDER BY priority DESC, (SELECT key FROM json_each(?2) WHERE value = jobs.queue), run_at, id LIMIT ?5) \
+     RETURNING id, token, deliveries, priority, run_at, queue, payload";
+const NEXT_DUE: &str = "SELECT min(x) FROM ( \
+       SELECT min(run_at) AS x FROM jobs WHERE state = 'ready' AND queue IN (SELECT value FROM json_each(?1)) \
+       UNION ALL SELECT min(lease_until) FROM jobs WHERE state = 'leased')";
+const MALFORMED_COPY: &str = "INSERT INTO dead_letters (queue, reason, detail, payload, dead_at) \
+     SELECT queue, ?2, ?3, payload, ?4 FROM jobs WHERE id = ?1";
+const DELETE_ONE: &str = "DELETE FROM jobs WHERE id = ?1";
+const ACK: &str = "DELETE FROM jobs WHERE state = 'leased' \
+     AND (id, token) IN (SELECT value->>0, value->>1 FROM json_each(?1))";
+const NACK_REQUEUE: &str = "UPDATE jobs SET state = 'ready', lease_until = NULL, consumer = NULL \
+     WHERE id = ?1 AND token = ?2 AND state = 'leased'";
+const NACK_DROP: &str = "DELETE FROM jobs WHERE id = ?1 AND token = ?2 AND state = 'leased'";
+const RETRY: &str = "UPDATE jobs SET state = 'ready', lease_until = NULL, consumer = NULL, deliveries = 0, \
+       queue = ?3, priority = ?4, run_at = ?5, lease_ms = ?6, payload = ?7 \
+     WHERE id = ?1 AND token = ?2 AND state = 'leased'";
+const EXTEND: &str = "UPDATE jobs SET lease_until = ?3 + ?4 \
+     WHERE id = ?1 AND token = ?2 AND state = 'leased' AND lease_until > ?3";
+const DEAD_INSERT: &str =
+    "INSERT INTO dead_letters (queue, reason, detail, payload, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)";
+const DLQ_LIST: &str = "SELECT id, queue, reason, detail, payload, dead_at FROM dead_letters \
+     WHERE queue = ?1 ORDER BY id LIMIT ?3 OFFSET ?2";
+const DLQ_GET: &str =
+    "SELECT id, queue, reason, detail, payload, dead_at FROM dead_letters WHERE queue = ?1 AND id = ?2";
+const DLQ_SELECT: &str = "SELECT id, payload FROM dead_letters WHERE queue = ?1 \
+     AND (json_array_length(?2) = 0 OR id IN (SELECT value FROM json_each(?2))) ORDER BY id";
+const DLQ_DELETE: &str = "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?1))";
+const DLQ_PURGE: &str = "DELETE FROM dead_letters WHERE queue = ?1";
+const PURGE: &str = "DELETE FROM jobs WHERE queue = ?1 AND state = 'ready'";
+const COUNTS: &str = "SELECT \
+       coalesce(sum((state = 'ready' AND run_at <= ?2) OR (state = 'leased' AND lease_until <= ?2)), 0), \
+       coalesce(sum(state = 'ready' AND run_at > ?2), 0), \
+       coalesce(sum(state = 'leased' AND lease_until > ?2), 0), \
+       (SELECT count(*) FROM dead_letters WHERE queue = ?1) \
+     FROM jobs WHERE queue = ?1";
+const SUBSCRIBE: &str =
+    "INSERT INTO broadcast_subscriptions (channel, subscriber) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
+const UNSUBSCRIBE: &str = "DELETE FROM broadcast_subscriptions WHERE channel = ?1 AND subscriber = ?2";
+const UNSUBSCRIBE_INBOX: &str = "DELETE FROM broadcast_messages WHERE channel = ?1 AND subscriber = ?2";
+const BROADCAST: &str = "INSERT INTO broadcast_messages (channel, subscriber, payload) \
+     SELECT channel, subscriber, ?2 FROM broadcast_subscriptions WHERE channel = ?1";
+const TAKE_BROADCAST: &str = "DELETE FROM broadcast_messages WHERE id IN (SELECT id FROM broadcast_messages \
+       WHERE channel = ?1 AND subscriber = ?2 ORDER BY id LIMIT ?3) RETURNING id, payload";
+
+fn parse_tag(receipt: &Receipt) -> Option<(i64, i64)> {
+    Some((receipt.tag.parse().ok()?, i64::try_from(receipt.lease).ok()?))
+}
+
+fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// The JSON array of rows [`PUBLISH`] inserts.
+fn job_rows(envelopes: &[Envelope]) -> Result<String> {
+    let mut rows = Vec::with_capacity(envelopes.len());
+    for env in envelopes {
+        let payload = serde_json::to_string(env).map_err(stem::Error::broker)?;
+        rows.push(serde_json::json!([
+            env.queue,
+            env.priority.min(MAX_PRIORITY),
+            env.not_before.map(|t| t.timestamp_millis()),
+            env.visibility_timeout.map(millis),
+            env.id.to_string(),
+            payload,
+        ]));
+    }
+    serde_json::to_string(&rows).map_err(stem::Error::broker)
+}
+
+type DeadRow = (i64, String, String, String, String, i64);
+
+fn dead((id, queue, reason, detail, payload, at): DeadRow) -> DeadLetter {
+    dead_letter(id, queue, reason, detail, payload, from_ms(at))
+}
+
+impl SqliteBroker {
+    /// A broker on `store`.
+    pub fn new(store: SqliteStore) -> Self {
+        SqliteBroker { store }
+    }
+
+    /// The store this broker runs on.
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
+        let w = self.store.writer();
+        let now = now_ms();
+        sqlx::query(RECLAIM).bind(now).execute(w).await.map_err(db_err)?;
+        let queues = if req.queues.len() == 1 {
+            req.queues[0].clone()
+        } else {
+            serde_json::to_string(&req.queues).map_err(stem::Error::broker)?
+        };
+        let sql = if req.queues.len() == 1 { CLAIM_ONE } else { CLAIM_MANY };
+        let rows = sqlx::query(sql)
+            .bind(now)
+            .bind(queues)
+            .bind(millis(req.lease))
+            .bind(&req.consumer)
+            .bind(i64::try_from(req.max).unwrap_or(i64::MAX))
+            .fetch_all(w)
+            .await
+            .map_err(db_err)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get(0).map_err(db_err)?;
+            let token: i64 = row.try_get(1).map_err(db_err)?;
+            let deliveries: i64 = row.try_get(2).map_err(db_err)?;
+            let priority: i64 = row.try_get(3).map_err(db_err)?;
+            let run_at: i64 = row.try_get(4).map_err(db_err)?;
+            let queue: String = row.try_get(5).map_err(db_err)?;
+            let payload: String = row.try_get(6).map_err(db_err)?;
+            claimed.push((priority, run_at, id, token, deliveries, queue, payload));
+        }
+        let rank = |q: &str| req.queues.iter().position(|x| x == q).unwrap_or(usize::MAX);
+        claimed.sort_by(|a, b| {
+            b.0.cmp(&a.0).then(rank(&a.5).cmp(&rank(&b.5))).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        });
+        let mut out = Vec::with_capacity(claimed.len());
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for (_, _, id, token, deliveries, queue, payload) in claimed {
+            match Envelope::from_json(payload.as_bytes()) {
+                Ok(env) => {
+                    let q = match names.iter().find(|q| ***q == *queue) {
+                        Some(q) => Arc::clone(q),
+                        None => {
+                            let q: Arc<str> = Arc::from(queue.as_str());
+                            names.push(Arc::clone(&q));
+                            q
+                        }
+                    };
+                    out.push(Delivery {
+                        envelope: Arc::new(env),
+                        receipt: Receipt {
+                            queue: q,
+                            tag: id.to_string(),
+                            lease: u64::try_from(token).unwrap_or(0),
+                        },
+                        redelivered: deliveries > 1,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ");
+                    let mut tx = w.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+                    sqlx::query(MALFORMED_COPY)
+                        .bind(id)
+                        .bind(REASON_MALFORMED)
+                        .bind(e.to_string())
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    sqlx::query(DELETE_ONE).bind(id).execute(&mut *tx).await.map_err(db_err)?;
+                    tx.commit().await.map_err(db_err)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn next_due(&self, queues: &[String]) -> Result<Option<i64>> {
+        let queues = serde_json::to_string(queues).map_err(stem::Error::broker)?;
+        sqlx::query_scalar::<_, Option<i64>>(NEXT_DUE)
+            .bind(queues)
+            .fetch_one(self.store.reader())
+            .await
+            .map_err(db_err)
+    }
+
+    fn wake(&self) {
+        self.store.hub().jobs.notify_waiters();
+    }
+}
+
+impl Broker for SqliteBroker {
+    fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if envelopes.is_empty() {
+                return Ok(());
+            }
+            let rows = job_rows(&envelopes)?;
+            sqlx::query(PUBLISH)
+                .bind(rows)
+                .bind(now_ms())
+                .execute(self.store.writer())
+                .await
+                .map_err(db_err)?;
+            self.wake();
+            Ok(())
+        })
+    }
+
+    fn consume<'a>(&'a self, req: &'a ConsumeRequest) -> BoxFuture<'a, Result<Vec<Delivery>>> {
+        Box::pin(async move {
+            let give_up = Instant::now() + req.wait;
+            if req.max == 0 {
+                return Ok(Vec::new());
+            }
+            let hub = Arc::clone(self.store.hub());
+            loop {
+                let notified = hub.jobs.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let out = self.claim(req).await?;
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                let now = Instant::now();
+                if now >= give_up {
+                    return Ok(Vec::new());
+                }
+                let mut wake = give_up.min(now + self.store.fallback_poll());
+                if let Some(due) = self.next_due(&req.queues).await? {
+                    let ms = u64::try_from(due.saturating_sub(now_ms()).max(0)).unwrap_or(0) + 1;
+                    wake = wake.min(Instant::now() + Duration::from_millis(ms));
+                }
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(wake) => {}
+                }
+            }
+        })
+    }
+
+    fn ack(&self, receipts: Vec<Receipt>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let pairs: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
+            if pairs.is_empty() {
+                return Ok(());
+            }
+            let json = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
+            sqlx::query(ACK).bind(json).execute(self.store.writer()).await.map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn nack(&self, receipt: Receipt, requeue: bool) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let sql = if requeue { NACK_REQUEUE } else { NACK_DROP };
+            let r =
+                sqlx::query(sql).bind(id).bind(token).execute(self.store.writer()).await.map_err(db_err)?;
+            let found = r.rows_affected() > 0;
+            if found && requeue {
+                self.wake();
+            }
+            Ok(found)
+        })
+    }
+
+    fn retry(&self, receipt: Receipt, envelope: Envelope) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            let r = sqlx::query(RETRY)
+                .bind(id)
+                .bind(token)
+                .bind(&envelope.queue)
+                .bind(i64::from(envelope.priority.min(MAX_PRIORITY)))
+                .bind(envelope.not_before.map_or_else(now_ms, |t| t.timestamp_millis()))
+                .bind(envelope.visibility_timeout.map(millis))
+                .bind(payload)
+                .execute(self.store.writer())
+                .await
+                .map_err(db_err)?;
+            let found = r.rows_affected() > 0;
+            if found {
+                self.wake();
+            }
+            Ok(found)
+        })
+    }
+
+    fn extend_lease<'a>(&'a self, receipt: &'a Receipt, lease: Duration) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(receipt) else { return Ok(false) };
+            let r = sqlx::query(EXTEND)
+                .bind(id)
+                .bind(token)
+                .bind(now_ms())
+                .bind(millis(lease))
+                .execute(self.store.writer())
+                .await
+                .map_err(db_err)?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    fn dead_letter(
+        &self,
+        receipt: Receipt,
+        envelope: Envelope,
+        reason: &str,
+        detail: String,
+    ) -> BoxFuture<'_, Result<bool>> {
+        let reason = reason.to_owned();
+        Box::pin(async move {
+            let Some((id, token)) = parse_tag(&receipt) else { return Ok(false) };
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let r = sqlx::query(NACK_DROP).bind(id).bind(token).execute(&mut *tx).await.map_err(db_err)?;
+            if r.rows_affected() == 0 {
+                return Ok(false);
+            }
+            sqlx::query(DEAD_INSERT)
+                .bind(&*receipt.queue)
+                .bind(reason)
+                .bind(detail)
+                .bind(payload)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(true)
+        })
+    }
+
+    fn dlq_list<'a>(
+        &'a self,
+        queue: &'a str,
+        offset: usize,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>>> {
+        Box::pin(async move {
+            let rows: Vec<DeadRow> = sqlx::query_as(DLQ_LIST)
+                .bind(queue)
+                .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(self.store.reader())
+                .await
+                .map_err(db_err)?;
+            Ok(rows.into_iter().map(dead).collect())
+        })
+    }
+
+    fn dlq_get<'a>(&'a self, queue: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<DeadLetter>>> {
+        Box::pin(async move {
+            let Ok(id) = id.parse::<i64>() else { return Ok(None) };
+            let row: Option<DeadRow> = sqlx::query_as(DLQ_GET)
+                .bind(queue)
+                .bind(id)
+                .fetch_optional(self.store.reader())
+                .await
+                .map_err(db_err)?;
+            Ok(row.map(dead))
+        })
+    }
+
+    fn dlq_replay<'a>(
+        &'a self,
+        queue: &'a str,
+        ids: &'a [String],
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let wanted: Vec<i64> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+            if !ids.is_empty() && wanted.is_empty() {
+                return Ok(0);
+            }
+            let wanted = serde_json::to_string(&wanted).map_err(stem::Error::broker)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let rows: Vec<(i64, String)> = sqlx::query_as(DLQ_SELECT)
+                .bind(queue)
+                .bind(wanted)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let not_before = delay.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| Utc::now() + d);
+            let mut taken = Vec::new();
+            let mut envs = Vec::new();
+            for (id, payload) in rows {
+                if let Ok(mut env) = Envelope::from_json(payload.as_bytes()) {
+                    env.attempt = 0;
+                    env.not_before = not_before;
+                    taken.push(id);
+                    envs.push(env);
+                }
+            }
+            if taken.is_empty() {
+                return Ok(0);
+            }
+            let ids_json = serde_json::to_string(&taken).map_err(stem::Error::broker)?;
+            sqlx::query(DLQ_DELETE).bind(ids_json).execute(&mut *tx).await.map_err(db_err)?;
+            sqlx::query(PUBLISH)
+                .bind(job_rows(&envs)?)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            self.wake();
+            Ok(taken.len())
+        })
+    }
+
+    fn dlq_purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let r = sqlx::query(DLQ_PURGE).bind(queue).execute(self.store.writer()).await.map_err(db_err)?;
+            Ok(usize::try_from(r.rows_affected()).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let r = sqlx::query(PURGE).bind(queue).execute(self.store.writer()).await.map_err(db_err)?;
+            Ok(usize::try_from(r.rows_affected()).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
+        Box::pin(async move {
+            let (pending, delayed, in_flight, dead): (i64, i64, i64, i64) = sqlx::query_as(COUNTS)
+                .bind(queue)
+                .bind(now_ms())
+                .fetch_one(self.store.reader())
+                .await
+                .map_err(db_err)?;
+            let n = |x: i64| u64::try_from(x).unwrap_or(0);
+            Ok(QueueCounts {
+                pending: n(pending),
+                delayed: n(delayed),
+                in_flight: n(in_flight),
+                dead: n(dead),
+            })
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str, subscriber: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            sqlx::query(SUBSCRIBE)
+                .bind(channel)
+                .bind(subscriber)
+                .execute(self.store.writer())
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str, subscriber: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            for sql in [UNSUBSCRIBE, UNSUBSCRIBE_INBOX] {
+                sqlx::query(sql).bind(channel).bind(subscriber).execute(&mut *tx).await.map_err(db_err)?;
+            }
+            tx.commit().await.map_err(db_err)
+        })
+    }
+
+    fn broadcast<'a>(&'a self, channel: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let payload = serde_json::to_string(&envelope).map_err(stem::Error::broker)?;
+            sqlx::query(BROADCAST)
+                .bind(channel)
+                .bind(payload)
+                .execute(self.store.writer())
+                .await
+                .map_err(db_err)?;
+            self.store.hub().broadcast.notify_waiters();
+            Ok(())
+        })
+    }
+
+    fn consume_broadcast<'a>(
+        &'a self,
+        channel: &'a str,
+        subscriber: &'a str,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Envelope>>> {
+        Box::pin(async move {
+            let give_up = Instant::now() + wait;
+            let hub = Arc::clone(self.store.hub());
+            loop {
+                let notified = hub.broadcast.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let mut rows: Vec<(i64, String)> = sqlx::query_as(TAKE_BROADCAST)
+                    .bind(channel)
+                    .bind(subscriber)
+                    .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                    .fetch_all(self.store.writer())
+                    .await
+                    .map_err(db_err)?;
+                if !rows.is_empty() || max == 0 {
+                    rows.sort_by_key(|r| r.0);
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (id, payload) in rows {
+                        match Envelope::from_json(payload.as_bytes()) {
+                            Ok(env) => out.push(env),
+                            Err(e) => {
+                                tracing::warn!(id, channel, error = %e, "dropped a malformed broadcast")
+                            }
+                        }
+                    }
+                    if !out.is_empty() || max == 0 {
+                        return Ok(out);
+                    }
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= give_up {
+                    return Ok(Vec::new());
+                }
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(give_up.min(now + self.store.fallback_poll())) => {}
+                }
+            }
+        })
+    }
+}
