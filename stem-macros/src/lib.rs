@@ -5,6 +5,7 @@
 
 use proc_macro::TokenStream;
 
+mod canvas;
 mod task;
 
 /// Turn an `async fn` into a Stem task.
@@ -47,4 +48,38 @@ mod task;
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     task::expand(attr.into(), item.into()).into()
+}
+
+/// Compose tasks into chains, groups and chords, type-checked step by step.
+///
+/// ```ignore
+/// use stem::prelude::*;
+///
+/// // add(1, 2) → add(<3>, 10): each step after the first receives the previous output as its
+/// // first argument, so `add(10)` is `add::partial(10)`.
+/// let c = canvas!(chain[add(1, 2), add(10), ~notify("done")]);
+/// let g = canvas!(group[add(1, 1), add(2, 2)]);                 // Vec<i64>, member order
+/// let d = canvas!(chord[add(1, 1), add(2, 2)] => sum());         // sum(Vec<i64>)
+/// let n = canvas!(chain[fetch(1), group[parse(), parse_fast()], merge()]);
+/// // app.enqueue_canvas(c).await?.wait(timeout).await?
+/// ```
+///
+/// Grammar:
+///
+/// | element | meaning |
+/// |---|---|
+/// | `chain[e, ..]` | one after the other |
+/// | `group[e, ..]` | in parallel; outputs `Vec<T>` in member order (members share `T`) |
+/// | `chord[e, ..] => body` | a group, then `body` receiving its `Vec<T>` |
+/// | `task(args..)` | a call of a `#[task]`: `task::new(args..)` at the start, and `task::partial(args..)` (first argument omitted, filled by the previous output) after a step or as a chord body |
+/// | `~task(args..)` | immutable: all arguments given, ignores the previous output |
+/// | `task(..).queue("q").priority(5)` | per-element options |
+/// | any other expression | a typed piece as is: `add::new(1, 2)`, a variable holding a `Chain`, .. |
+///
+/// Errors point at the element: a step whose first parameter is not the previous output's
+/// type, group members with different output types, an empty `chain[]` / `group[]` /
+/// `chord[]`, a `~` that is not before a task call.
+#[proc_macro]
+pub fn canvas(input: TokenStream) -> TokenStream {
+    canvas::expand(input.into()).into()
 }

@@ -6,6 +6,8 @@ pub use serde_json;
 
 pub use crate::task::{Backoff, RateLimit};
 pub use crate::task::{IntoTaskResult, Signature, Task, TaskContext, TaskEntry, TaskError, TaskOptions};
+// `canvas!` expands to these typed builders; `#[task]` implements `PartialTask`.
+pub use crate::canvas::{Chain, Chord, Group, NoInput, Partial, PartialTask, Step, StepExt};
 
 use std::future::Future;
 
@@ -111,3 +113,44 @@ macro_rules! __stem_submit_task {
 }
 
 pub use crate::__stem_submit_task as submit_task;
+
+/// The root of a `canvas!`: runs after nothing, so its first steps must have every argument.
+pub fn canvas_root<S: crate::canvas::Step<NoInput>>(canvas: S) -> S {
+    canvas
+}
+
+/// What `partial()` returns for a task without parameters: it can only run first, so a
+/// `canvas!` step that would pass it the previous output fails with [`NothingToFill`]'s
+/// message (which suggests `~task()`).
+pub struct NoParameters<T>(core::marker::PhantomData<fn() -> T>);
+
+impl<T> NoParameters<T> {
+    /// The marker.
+    pub const fn new() -> Self {
+        NoParameters(core::marker::PhantomData)
+    }
+}
+
+impl<T> Default for NoParameters<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "Task `T` has no parameter that a previous output of type `Self` could fill."
+#[diagnostic::on_unimplemented(
+    message = "task `{T}` takes no arguments, so it cannot receive the previous step's output `{Self}`",
+    label = "this step would receive `{Self}`",
+    note = "mark the step immutable (`~{T}()` in `canvas!`, or `{T}::new()`) so it ignores the previous output"
+)]
+pub trait NothingToFill<T> {}
+impl<T> NothingToFill<T> for crate::canvas::NoInput {}
+
+impl<T: Task, In: NothingToFill<T>> crate::canvas::Step<In> for NoParameters<T> {
+    type Output = T::Output;
+    fn into_canvas(self) -> crate::canvas::Canvas {
+        crate::canvas::TaskCall::new(T::NAME, serde_json::Value::Object(serde_json::Map::new()))
+            .with_defaults(T::OPTIONS)
+            .into()
+    }
+}

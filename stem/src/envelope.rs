@@ -116,6 +116,10 @@ pub struct Envelope {
     pub ignore_result: bool,
     /// When the producer created the envelope.
     pub created_at: DateTime<Utc>,
+    /// Canvas: what happens when this task ends for good (next chain step, group member slot,
+    /// callbacks). Absent for plain tasks, so envelopes without it still parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas: Option<Box<crate::canvas::Continuation>>,
 }
 
 impl Envelope {
@@ -142,6 +146,7 @@ impl Envelope {
             root_id: None,
             ignore_result: false,
             created_at: Utc::now(),
+            canvas: None,
         }
     }
 

@@ -21,13 +21,15 @@
 //! ```
 //!
 //! The pipeline reads off the modules: [`producer`] → [`broker`] → [`worker`] → [`backend`];
-//! tasks are defined in [`task`] (with `#[task]`), results are awaited through [`result`].
+//! tasks are defined in [`task`] (with `#[task]`), results are awaited through [`result`];
+//! chains, groups and chords are built in [`canvas`] (with `canvas!`).
 
 extern crate self as stem;
 
 pub mod app;
 pub mod backend;
 pub mod broker;
+pub mod canvas;
 pub mod envelope;
 pub mod error;
 pub mod prelude;
@@ -44,6 +46,7 @@ pub mod __private;
 pub use app::StemApp;
 pub use backend::{MemoryBackend, ResultBackend, TaskState, TaskStatus};
 pub use broker::{Broker, MemoryBroker};
+pub use canvas::{Canvas, CanvasHandle};
 pub use envelope::{Envelope, TaskId};
 pub use error::{Error, Result};
 pub use producer::Stem;
@@ -56,4 +59,4 @@ pub use task::{
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 #[cfg(feature = "macros")]
-pub use stem_macros::task;
+pub use stem_macros::{canvas, task};

@@ -169,7 +169,7 @@ impl Stem {
         Ok(self.build_envelope(T::NAME, args, &T::OPTIONS, &sig.options))
     }
 
-    fn build_envelope(
+    pub(crate) fn build_envelope(
         &self,
         name: &str,
         args: serde_json::Value,
@@ -306,6 +306,11 @@ impl Stem {
             signals.emit(|| AfterPublish { envelope });
         }
         Ok(())
+    }
+
+    /// The registered tasks, when the producer knows them (canvas planning reads defaults).
+    pub(crate) fn registry(&self) -> Option<&Arc<Registry>> {
+        self.inner.registry.as_ref()
     }
 
     /// Refuse an envelope whose arguments and metadata exceed the size limit, before anything

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod canvas_contract;
 pub mod contract;
 pub mod postgres;
 pub mod redis;
@@ -185,6 +186,36 @@ macro_rules! store_contract_tests {
             async fn $name() {
                 let harness = $harness;
                 $crate::store_contract::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+/// Expands to one `#[tokio::test]` per canvas check, each with a fresh `$harness`.
+#[macro_export]
+macro_rules! canvas_tests {
+    ($harness:expr) => {
+        $crate::canvas_tests!(@each $harness;
+            group_of_100_returns_results_in_order,
+            chain_of_5_passes_results_along,
+            chord_of_50_on_4_workers_calls_back_exactly_once,
+            failing_chain_step_stops_later_steps,
+            failing_chord_member_runs_error_callback_once,
+            chain_of_groups,
+            chord_inside_a_chain,
+            group_of_chains,
+            chord_with_chains_in_its_header,
+            link_and_link_error,
+            immutable_steps_ignore_the_previous_output,
+            group_progress_counts_failures
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::canvas_contract::$name(&harness).await;
             }
         )*
     };

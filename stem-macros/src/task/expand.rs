@@ -54,7 +54,8 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
         let ident = a.ident;
         if is_string(a.ty) { quote!(::core::convert::Into::into(#ident)) } else { quote!(#ident) }
     });
-    let arg_types = sig.args.iter().map(|a| checked(&p, a.ty, quote!(check_arg)));
+    let arg_types: Vec<_> = sig.args.iter().map(|a| checked(&p, a.ty, quote!(check_arg))).collect();
+    let partial = partial(&p, vis, ident, &cfgs, sig, &arg_types);
 
     let (output, convert) = match &sig.output {
         Output::Unit => (quote!(()), quote!(#p::ok)),
@@ -103,6 +104,8 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
             }
         }
 
+        #partial
+
         #(#cfgs)*
         const _: () = {
             #[automatically_derived]
@@ -129,6 +132,71 @@ pub(crate) fn expand(func: &ItemFn, attr: &TaskAttr, sig: &TaskSig<'_>) -> Token
             }
         };
     }
+}
+
+/// For a task with a first parameter: `name::partial(rest..)`, a call missing its first
+/// argument (which the previous step of a canvas chain fills), and the `PartialTask` impl
+/// naming that parameter's type, so `canvas!` chains are type-checked step by step.
+fn partial(
+    p: &TokenStream,
+    vis: &syn::Visibility,
+    ident: &syn::Ident,
+    cfgs: &[&syn::Attribute],
+    sig: &TaskSig<'_>,
+    arg_types: &[TokenStream],
+) -> TokenStream {
+    let (Some(first), Some(_)) = (arg_types.first(), sig.args.first()) else {
+        // No parameter to fill: `partial()` exists only so that `canvas!` reports "cannot run
+        // after a step whose output is ..., mark it `~`" instead of a missing function.
+        return quote! {
+            #(#cfgs)*
+            impl #ident {
+                #[doc(hidden)]
+                #[allow(dead_code)]
+                #vis fn partial() -> #p::NoParameters<#ident> {
+                    #p::NoParameters::new()
+                }
+            }
+        };
+    };
+    let rest = &sig.args[1..];
+    let rest_types = &arg_types[1..];
+    let params = rest.iter().map(|a| param(a.ident, a.ty));
+    let values = rest.iter().map(|a| value(a.ident, a.ty));
+    quote! {
+        #(#cfgs)*
+        impl #ident {
+            /// A typed call of this task missing its first argument: in a canvas chain, the
+            /// previous step's output fills it.
+            #[allow(dead_code, clippy::too_many_arguments)]
+            #vis fn partial(#(#params),*) -> #p::Partial<#ident> {
+                #p::Partial::new((#(#values,)*))
+            }
+        }
+
+        #(#cfgs)*
+        const _: () = {
+            #[automatically_derived]
+            impl #p::PartialTask for #ident {
+                type First = #first;
+                type Rest = (#(#rest_types,)*);
+            }
+        };
+    }
+}
+
+/// A constructor parameter: `String`s are taken as `impl Into<String>`.
+fn param(ident: &syn::Ident, ty: &Type) -> TokenStream {
+    if is_string(ty) {
+        quote!(#ident: impl ::core::convert::Into<::std::string::String>)
+    } else {
+        quote!(#ident: #ty)
+    }
+}
+
+/// The value passed on for a constructor parameter.
+fn value(ident: &syn::Ident, ty: &Type) -> TokenStream {
+    if is_string(ty) { quote!(::core::convert::Into::into(#ident)) } else { quote!(#ident) }
 }
 
 /// `ty`, routed through a compile-time check spanned at `ty`:

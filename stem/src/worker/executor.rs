@@ -42,12 +42,37 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
         tracing::debug!(task = %envelope.task, id = %envelope.id, "redelivered");
     }
     let env = envelope;
-    let record = prepare_and_run(&shared, env, receipt).await;
+    // Canvas: a chain/group/chord task carries its continuation; keep the envelope for it.
+    let canvas = env.canvas.is_some().then(|| Arc::clone(&env));
+    let mut record = prepare_and_run(&shared, env, receipt).await;
+    if let Some(env) = canvas {
+        record = report_canvas(&shared, &env, redelivered, record).await;
+    }
     if shared.record_tx.send(record).await.is_err() {
         tracing::error!(worker = %shared.worker_id, "recorder stopped; outcome dropped, the delivery will be redelivered");
     }
     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     drop(permit);
+}
+
+/// Canvas: once a canvas task ended for good (terminal status; never on a retry), carry its
+/// outcome on (next chain step, group count, chord callback, callbacks) BEFORE its status is
+/// written and its delivery acked. That bookkeeping is idempotent, so when it fails the
+/// delivery is put back (same attempt, 1 s later) instead of acked, and the rerun redoes it.
+async fn report_canvas(shared: &Shared, env: &Arc<Envelope>, redelivered: bool, record: Record) -> Record {
+    let Record::Finished { status: Some(status), receipt, action } = record else { return record };
+    if !status.state.is_terminal() {
+        return Record::Finished { status: Some(status), receipt, action };
+    }
+    match crate::canvas::report(&shared.producer, env, &status, redelivered).await {
+        Ok(()) => Record::Finished { status: Some(status), receipt, action },
+        Err(e) => {
+            tracing::error!(task = %env.task, id = %env.id, error = %e, "canvas bookkeeping failed; the task will run again");
+            let mut again = (**env).clone();
+            again.not_before = Some(Utc::now() + chrono::Duration::seconds(1));
+            Record::Finished { status: None, receipt, action: Action::Retry(Box::new(again)) }
+        }
+    }
 }
 
 fn finished(status: Option<TaskStatus>, receipt: Receipt, action: Action) -> Record {
