@@ -335,3 +335,29 @@ pub async fn group_progress_counts_failures(h: &impl Harness) {
     assert_eq!(state.members[3].as_ref().map(|m| m.state), Some(TaskState::Failed));
     assert_eq!(state.members[4].as_ref().and_then(|m| m.result.clone()), Some(serde_json::json!(4)));
 }
+
+/// At-least-once delivery: every first envelope of a chord-in-a-chain is delivered twice (as a
+/// redelivery would). Members are recorded once per index and every later start is claimed,
+/// so the callback and the step after it still run exactly once.
+pub async fn duplicate_deliveries_start_nothing_twice(h: &impl Harness) {
+    let env = CanvasEnv::new(h, 4).await;
+    let tag = env.tag.clone();
+    let after = format!("{tag}:after");
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let signals = stem::Signals::new();
+    let sink = Arc::clone(&published);
+    signals.connect(move |e: &stem::signals::BeforePublish| sink.lock().unwrap().push(e.envelope.clone()));
+    let stem = Stem::builder(Arc::clone(&env.broker), Arc::clone(&env.backend)).signals(signals).build();
+    let header: Group<NoInput, i64> = Group::of((0..20).map(|i| add::new(i, 1)));
+    let c = stem::canvas::Chain::new(header.chord(sum::partial(tag.clone()))).then(note::partial(after.clone()));
+    let handle = stem.enqueue_canvas(c).await.unwrap();
+    let copies = std::mem::take(&mut *published.lock().unwrap());
+    assert_eq!(copies.len(), 20);
+    assert!(copies.iter().all(|e| e.canvas.is_some()), "members carry their continuation");
+    env.broker.publish(copies).await.unwrap();
+    let expected: i64 = (1..=20).sum();
+    assert_eq!(handle.wait(WAIT).await.unwrap(), expected, "{}", h.name());
+    env.drain().await;
+    assert_eq!(records(&tag).len(), 1, "{}: the chord callback ran once", h.name());
+    assert_eq!(records(&after), vec![serde_json::json!(expected)], "{}: the next step ran once", h.name());
+}

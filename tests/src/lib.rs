@@ -207,7 +207,8 @@ macro_rules! canvas_tests {
             chord_with_chains_in_its_header,
             link_and_link_error,
             immutable_steps_ignore_the_previous_output,
-            group_progress_counts_failures
+            group_progress_counts_failures,
+            duplicate_deliveries_start_nothing_twice
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
