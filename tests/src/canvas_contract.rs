@@ -349,7 +349,8 @@ pub async fn duplicate_deliveries_start_nothing_twice(h: &impl Harness) {
     signals.connect(move |e: &stem::signals::BeforePublish| sink.lock().unwrap().push(e.envelope.clone()));
     let stem = Stem::builder(Arc::clone(&env.broker), Arc::clone(&env.backend)).signals(signals).build();
     let header: Group<NoInput, i64> = Group::of((0..20).map(|i| add::new(i, 1)));
-    let c = stem::canvas::Chain::new(header.chord(sum::partial(tag.clone()))).then(note::partial(after.clone()));
+    let c =
+        stem::canvas::Chain::new(header.chord(sum::partial(tag.clone()))).then(note::partial(after.clone()));
     let handle = stem.enqueue_canvas(c).await.unwrap();
     let copies = std::mem::take(&mut *published.lock().unwrap());
     assert_eq!(copies.len(), 20);
@@ -360,4 +361,24 @@ pub async fn duplicate_deliveries_start_nothing_twice(h: &impl Harness) {
     env.drain().await;
     assert_eq!(records(&tag).len(), 1, "{}: the chord callback ran once", h.name());
     assert_eq!(records(&after), vec![serde_json::json!(expected)], "{}: the next step ran once", h.name());
+}
+
+/// Throughput figure (not a check of behaviour beyond the result): a chord of `n` members on
+/// 4 workers; prints members per second from enqueue to the callback's result.
+pub async fn chord_throughput(h: &impl Harness, n: i64) {
+    let env = CanvasEnv::new(h, 4).await;
+    let tag = env.tag.clone();
+    let started = Instant::now();
+    let header: Group<NoInput, i64> = Group::of((0..n).map(|i| add::new(i, 1)));
+    let handle = env.stem.enqueue_canvas(header.chord(sum::partial(tag.clone()))).await.unwrap();
+    let enqueued = started.elapsed();
+    assert_eq!(handle.wait(Duration::from_secs(600)).await.unwrap(), (1..=n).sum::<i64>());
+    let total = started.elapsed();
+    println!(
+        "{}: chord of {n}: enqueued in {enqueued:?}, callback result after {total:?} ({:.0} members/s)",
+        h.name(),
+        n as f64 / total.as_secs_f64()
+    );
+    env.drain().await;
+    assert_eq!(records(&tag).len(), 1);
 }
