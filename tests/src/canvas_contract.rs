@@ -365,6 +365,7 @@ pub async fn duplicate_deliveries_start_nothing_twice(h: &impl Harness) {
 
 /// Throughput figure (not a check of behaviour beyond the result): a chord of `n` members on
 /// 4 workers; prints members per second from enqueue to the callback's result.
+#[allow(clippy::print_stdout)]
 pub async fn chord_throughput(h: &impl Harness, n: i64) {
     let env = CanvasEnv::new(h, 4).await;
     let tag = env.tag.clone();
