@@ -15,7 +15,8 @@
 //!
 //! URLs: `sqlite://path/to/file.db`, `sqlite:relative.db`, `sqlite://file.db?mode=rwc`,
 //! `sqlite::memory:` (one connection, nothing survives the process). The file is created if
-//! missing. One file is one namespace: `?ns=` is accepted only with the default value.
+//! missing. One file is one namespace: `?ns=name` selects a sibling file (`jobs.db?ns=billing`
+//! opens `jobs.billing.db`).
 
 mod backend;
 mod broker;
@@ -100,14 +101,22 @@ impl SqliteStore {
     pub async fn connect(url: &str, options: SqliteOptions) -> Result<Self, stem::Error> {
         let masked = crate::url::mask(url);
         let (driver, namespace) = split_namespace(url)?;
-        if namespace != crate::url::DEFAULT_NAMESPACE {
-            return Err(stem::Error::Config(format!(
-                "`{masked}`: a SQLite database is one namespace; use another file instead of `ns={namespace}`"
-            )));
-        }
         let connect = SqliteConnectOptions::from_str(&driver)
             .map_err(|e| stem::Error::Config(format!("invalid SQLite URL `{masked}`: {e}")))?;
         let in_memory = driver.contains(":memory:") || driver.contains("mode=memory");
+        // One file is one namespace: a non-default `ns` selects a sibling file
+        // (`jobs.db?ns=billing` opens `jobs.billing.db`).
+        let connect = if namespace == crate::url::DEFAULT_NAMESPACE || in_memory {
+            connect
+        } else {
+            let path = connect.get_filename().to_path_buf();
+            let stem_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let file = match path.extension() {
+                Some(ext) => format!("{stem_name}.{namespace}.{}", ext.to_string_lossy()),
+                None => format!("{stem_name}.{namespace}"),
+            };
+            connect.filename(path.with_file_name(file))
+        };
         let key = (!in_memory).then(|| {
             let p = connect.get_filename();
             std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
