@@ -141,4 +141,11 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Workers whose heartbeat has not expired.
     fn workers(&self) -> BoxFuture<'_, Result<Vec<WorkerHeartbeat>>>;
+
+    /// The concrete backend, for a broker that can combine its own writes with this
+    /// backend's (see [`Broker::record_and_ack`](crate::broker::Broker::record_and_ack)).
+    /// `None` (the default) keeps the two apart.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{ResultBackend, TaskStatus};
 use crate::envelope::Envelope;
 use crate::error::Result;
 
@@ -123,6 +124,31 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Finish deliveries. Receipts whose lease was lost are ignored.
     fn ack(&self, receipts: Vec<Receipt>) -> BoxFuture<'_, Result<()>>;
+
+    /// The worker's hot path: store `statuses` in `backend`, then finish `receipts`.
+    ///
+    /// The default calls [`ResultBackend::set`], then [`Broker::ack`]. An adapter whose broker
+    /// and backend live in the same store (see [`ResultBackend::as_any`]) overrides it to do
+    /// both in one round trip or transaction, keeping the rule that a delivery is finished only
+    /// once its status is stored. On error nothing may be assumed: the statuses may or may not
+    /// be stored and the deliveries may or may not be finished (unfinished ones are
+    /// redelivered when their lease expires).
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if !statuses.is_empty() {
+                backend.set(statuses).await?;
+            }
+            if !receipts.is_empty() {
+                self.ack(receipts).await?;
+            }
+            Ok(())
+        })
+    }
 
     /// Give a delivery back: `requeue` makes it ready again at once, otherwise it is dropped.
     /// Returns `false` when the lease was already lost.

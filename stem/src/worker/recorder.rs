@@ -89,12 +89,22 @@ async fn process(shared: &Shared, batch: Vec<Record>) {
             }
         }
     }
-    let recorded = write_statuses(shared, statuses).await;
+    let finished = finished_records.len() as u64;
 
+    // The common case, every delivery simply done: one combined call, which adapters that
+    // keep statuses and deliveries in one store turn into a single round trip.
+    if finished_records.iter().all(|(_, action)| matches!(action, Action::Ack)) {
+        let acks: Vec<Receipt> = finished_records.into_iter().map(|(receipt, _)| receipt).collect();
+        if let Err(e) = shared.broker.record_and_ack(&*shared.backend, statuses, acks).await {
+            tracing::error!(worker = %shared.worker_id, error = %e, "recording outcomes failed; the deliveries will be redelivered");
+        }
+        shared.processed.fetch_add(finished, Ordering::Relaxed);
+        return;
+    }
+
+    let recorded = write_statuses(shared, statuses).await;
     let mut acks = Vec::new();
-    let mut finished = 0u64;
     for (receipt, action) in finished_records {
-        finished += 1;
         let outcome = match action {
             // Never tell the broker a task is done when its outcome is not stored: the lease
             // expires and the task is redelivered instead.
