@@ -92,6 +92,33 @@ impl RedisBackend {
     pub fn keys(&self) -> &Keys {
         &self.inner.keys
     }
+
+    /// Whether this backend lives on `conn` under `keys`' namespace, so a broker there may
+    /// write its records in the same script as its acks.
+    pub(crate) fn colocated_with(&self, conn: &RedisConnection, keys: &Keys) -> bool {
+        self.inner.conn.same_as(conn) && self.inner.keys == *keys
+    }
+
+    /// How long records are kept.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+}
+
+/// Append one record's five script arguments (see `scripts/status_lib.lua`).
+pub(crate) fn push_status_args(e: &mut Eval, s: &TaskStatus) -> Result<()> {
+    let terminal = u8::from(s.state.is_terminal());
+    let mut value = Vec::with_capacity(512);
+    write!(value, "{}:{terminal}:0|", s.attempt).map_err(Error::backend)?;
+    serde_json::to_writer(&mut value, s)?;
+    // Same text as the id's Display, without an allocation.
+    let mut id_buf = [0u8; 36];
+    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
+        .arg(s.attempt)
+        .arg(terminal)
+        .arg(u8::from(s.progress.is_some()))
+        .arg(value);
+    Ok(())
 }
 
 /// `"<attempt>:<terminal>:<progress>|<json>"` → the JSON part.
@@ -123,6 +150,27 @@ impl Inner {
         let mut e = Eval::new(script);
         e.arg(self.keys.namespace());
         e
+    }
+
+    /// Write `queued` records that have no record yet (`SET NX`, pipelined); returns the
+    /// ones that found a record, which need the fencing rules.
+    async fn create_queued(&self, statuses: Vec<TaskStatus>) -> Result<Vec<TaskStatus>> {
+        let ttl = millis(self.ttl);
+        let mut left = Vec::new();
+        for chunk in statuses.chunks(SET_CHUNK) {
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                let mut value = Vec::with_capacity(512);
+                write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
+                serde_json::to_writer(&mut value, s)?;
+                pipe.cmd("SET").arg(self.keys.record(s.id)).arg(value).arg("PX").arg(ttl).arg("NX");
+            }
+            let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
+            left.extend(
+                chunk.iter().zip(answers).filter(|(_, a)| matches!(a, Value::Nil)).map(|(s, _)| s.clone()),
+            );
+        }
+        Ok(left)
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskStatus>> {
@@ -377,22 +425,20 @@ impl ResultBackend for RedisBackend {
     fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let inner = &self.inner;
+            // A producer's `queued` records are first writes: try them as plain `SET NX` in
+            // one pipeline, and send only those that met an existing record through the
+            // fencing script.
+            let statuses = if statuses.iter().all(|s| s.state == TaskState::Queued) {
+                inner.create_queued(statuses).await?
+            } else {
+                statuses
+            };
             let ttl = millis(inner.ttl);
-            let mut id_buf = [0u8; 36];
             for chunk in statuses.chunks(SET_CHUNK) {
                 let mut e = inner.eval(&scripts::SET_STATUS);
                 e.arg(ttl);
                 for s in chunk {
-                    // Same text as the id's Display, without an allocation.
-                    let terminal = u8::from(s.state.is_terminal());
-                    let mut value = Vec::with_capacity(512);
-                    write!(value, "{}:{terminal}:0|", s.attempt).map_err(Error::backend)?;
-                    serde_json::to_writer(&mut value, s)?;
-                    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
-                        .arg(s.attempt)
-                        .arg(terminal)
-                        .arg(u8::from(s.progress.is_some()))
-                        .arg(value);
+                    push_status_args(&mut e, s)?;
                 }
                 e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
             }
@@ -494,6 +540,10 @@ impl ResultBackend for RedisBackend {
             e.arg(&heartbeat.worker_id).arg(serde_json::to_vec(&heartbeat)?).arg(millis(ttl));
             e.run::<()>(&mut inner.cmd()).await.map_err(err)
         })
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn workers(&self) -> BoxFuture<'_, Result<Vec<WorkerHeartbeat>>> {

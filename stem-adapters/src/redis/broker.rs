@@ -4,9 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use chrono::Utc;
+use parking_lot::Mutex;
 use redis::Value;
 use redis::aio::ConnectionManager;
+use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -14,6 +18,7 @@ use stem::envelope::MAX_PRIORITY;
 use stem::{Envelope, Error, Result};
 use tokio::time::Instant;
 
+use super::backend::{RedisBackend, push_status_args};
 use super::keys::Keys;
 use super::scripts::{self, Eval};
 use super::{Blocking, RedisConnection};
@@ -22,6 +27,8 @@ use super::{Blocking, RedisConnection};
 const PUBLISH_CHUNK: usize = 2_000;
 /// Most receipts finished by one script call.
 const ACK_CHUNK: usize = 2_000;
+/// Most records (and receipts) the combined record-and-ack script takes in one call.
+const FINISH_CHUNK: usize = 2_000;
 /// Broadcast streams keep about this many messages for slow subscribers.
 const BROADCAST_MAXLEN: usize = 10_000;
 /// Extra time granted to a blocking read before the client gives up on it.
@@ -32,6 +39,8 @@ const BLOCK_SLACK: Duration = Duration::from_secs(5);
 pub struct RedisBroker {
     conn: RedisConnection,
     keys: Keys,
+    /// Streams known to have their consumer group, so publishing skips creating it.
+    grouped: Arc<Mutex<HashSet<String>>>,
 }
 
 fn err(e: impl Into<stem::error::BoxError>) -> Error {
@@ -130,7 +139,7 @@ fn parse_consume(v: Value) -> Result<Consumed> {
 impl RedisBroker {
     /// A broker in `namespace` on `conn`.
     pub fn new(conn: RedisConnection, namespace: &str) -> Self {
-        RedisBroker { conn, keys: Keys::new(namespace) }
+        RedisBroker { conn, keys: Keys::new(namespace), grouped: Arc::default() }
     }
 
     /// The key names this broker uses.
@@ -140,6 +149,28 @@ impl RedisBroker {
 
     fn cmd(&self) -> ConnectionManager {
         self.conn.commands()
+    }
+
+    /// Create `stream` and its consumer group unless this broker already did (or saw them).
+    async fn ensure_group(&self, stream: &str) -> Result<()> {
+        if self.grouped.lock().contains(stream) {
+            return Ok(());
+        }
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(super::keys::GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.cmd())
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(err(e)),
+        }
+        self.grouped.lock().insert(stream.to_owned());
+        Ok(())
     }
 
     fn eval(&self, script: &'static std::sync::LazyLock<redis::Script>) -> Eval {
@@ -255,12 +286,35 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            // Plain commands, pipelined: no script is needed to append to a stream, and a
+            // partly stored batch (connection lost mid-way) only means the caller's retry
+            // publishes some envelopes twice, which at-least-once delivery allows.
+            let now = Utc::now().timestamp_millis();
             for chunk in envelopes.chunks(PUBLISH_CHUNK) {
-                let mut e = self.eval(&scripts::PUBLISH);
+                let mut pipe = redis::pipe();
                 for env in chunk {
-                    push_store_args(&mut e, env)?;
+                    let json = env.to_json()?;
+                    let priority = env.priority.min(MAX_PRIORITY);
+                    let due = env.not_before.map_or(0, |t| t.timestamp_millis().max(0));
+                    let vis = env.visibility_timeout.map(millis);
+                    if due > now {
+                        // Same member format as `store` in scripts/common.lua.
+                        let mut member =
+                            format!("{priority}|{}|", vis.map(|v| v.to_string()).unwrap_or_default())
+                                .into_bytes();
+                        member.extend_from_slice(&json);
+                        pipe.cmd("ZADD").arg(self.keys.delayed(&env.queue)).arg(due).arg(member).ignore();
+                    } else {
+                        let stream = self.keys.stream(&env.queue, priority);
+                        self.ensure_group(&stream).await?;
+                        let xadd = pipe.cmd("XADD").arg(stream).arg("*").arg("e").arg(json);
+                        if let Some(v) = vis {
+                            xadd.arg("v").arg(v);
+                        }
+                        xadd.ignore();
+                    }
                 }
-                e.run::<()>(&mut self.cmd()).await.map_err(err)?;
+                pipe.query_async::<()>(&mut self.cmd()).await.map_err(err)?;
             }
             Ok(())
         })
@@ -301,6 +355,43 @@ impl Broker for RedisBroker {
                 e.run::<()>(&mut self.cmd()).await.map_err(err)?;
             }
             Ok(())
+        })
+    }
+
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let colocated = backend
+                .as_any()
+                .and_then(|b| b.downcast_ref::<RedisBackend>())
+                .filter(|b| b.colocated_with(&self.conn, &self.keys));
+            match colocated {
+                // One script: the records, then the acks, atomically and in one round trip.
+                Some(b) if statuses.len() <= FINISH_CHUNK && receipts.len() <= FINISH_CHUNK => {
+                    let mut e = self.eval(&scripts::FINISH);
+                    e.arg(millis(b.ttl()).max(1)).arg(statuses.len());
+                    for s in &statuses {
+                        push_status_args(&mut e, s)?;
+                    }
+                    for r in &receipts {
+                        e.arg(&*r.queue).arg(&r.tag).arg(r.lease);
+                    }
+                    e.run::<()>(&mut self.cmd()).await.map_err(err)
+                }
+                _ => {
+                    if !statuses.is_empty() {
+                        backend.set(statuses).await?;
+                    }
+                    if !receipts.is_empty() {
+                        self.ack(receipts).await?;
+                    }
+                    Ok(())
+                }
+            }
         })
     }
 

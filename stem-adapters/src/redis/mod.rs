@@ -141,6 +141,11 @@ impl RedisConnection {
         &self.inner.masked
     }
 
+    /// Whether `other` is a clone of this handle (same server, same connections).
+    pub(crate) fn same_as(&self, other: &RedisConnection) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The shared command connection.
     pub(crate) fn commands(&self) -> ConnectionManager {
         self.inner.manager.clone()

@@ -6,32 +6,27 @@ use std::sync::LazyLock;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, FromRedisValue, RedisResult, Script};
 
-macro_rules! broker_script {
-    ($name:ident, $file:literal) => {
-        pub(crate) static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(concat!(include_str!("scripts/common.lua"), include_str!($file))));
-    };
-}
-
+/// A script built from library chunks (`common.lua` first for broker scripts) and its body.
 macro_rules! script {
-    ($name:ident, $file:literal) => {
-        pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!($file)));
+    ($name:ident, $($file:literal),+) => {
+        pub(crate) static $name: LazyLock<Script> =
+            LazyLock::new(|| Script::new(concat!($(include_str!($file)),+)));
     };
 }
 
-broker_script!(PUBLISH, "scripts/publish.lua");
-broker_script!(CONSUME, "scripts/consume.lua");
-broker_script!(ACK, "scripts/ack.lua");
-broker_script!(NACK, "scripts/nack.lua");
-broker_script!(RETRY, "scripts/retry.lua");
-broker_script!(EXTEND, "scripts/extend.lua");
-broker_script!(DEAD, "scripts/dead.lua");
-broker_script!(REPLAY, "scripts/replay.lua");
-broker_script!(PURGE, "scripts/purge.lua");
-broker_script!(COUNTS, "scripts/counts.lua");
-broker_script!(BROADCAST, "scripts/broadcast.lua");
+script!(CONSUME, "scripts/common.lua", "scripts/consume.lua");
+script!(ACK, "scripts/common.lua", "scripts/ack_lib.lua", "scripts/ack.lua");
+script!(FINISH, "scripts/common.lua", "scripts/status_lib.lua", "scripts/ack_lib.lua", "scripts/finish.lua");
+script!(NACK, "scripts/common.lua", "scripts/nack.lua");
+script!(RETRY, "scripts/common.lua", "scripts/retry.lua");
+script!(EXTEND, "scripts/common.lua", "scripts/extend.lua");
+script!(DEAD, "scripts/common.lua", "scripts/dead.lua");
+script!(REPLAY, "scripts/common.lua", "scripts/replay.lua");
+script!(PURGE, "scripts/common.lua", "scripts/purge.lua");
+script!(COUNTS, "scripts/common.lua", "scripts/counts.lua");
+script!(BROADCAST, "scripts/common.lua", "scripts/broadcast.lua");
 
-script!(SET_STATUS, "scripts/set_status.lua");
+script!(SET_STATUS, "scripts/status_lib.lua", "scripts/set_status.lua");
 script!(PROGRESS, "scripts/progress.lua");
 script!(GROUP_INIT, "scripts/group_init.lua");
 script!(GROUP_RECORD, "scripts/group_record.lua");
