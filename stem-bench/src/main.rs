@@ -191,20 +191,43 @@ fn round(x: f64, places: i32) -> f64 {
 }
 
 /// Enqueue `tasks` echo tasks in batches; with `ids`, task `i` gets the id `ID_BASE + i`.
+/// Enqueue in batches of 5,000, four batches in flight at once, as a bulk producer would:
+/// building one batch overlaps with the server storing the previous ones.
 async fn enqueue_all(stem: &Stem, tasks: u64, task_ms: u64, ids: bool) -> Result<f64, stem::Error> {
+    const BATCH: u64 = 5_000;
+    const IN_FLIGHT: usize = 4;
     let ms = (task_ms > 0).then_some(task_ms);
     let t0 = Instant::now();
+    let mut batches = tokio::task::JoinSet::new();
     let mut next = 0;
     while next < tasks {
-        let end = (next + 5_000).min(tasks);
-        stem.enqueue_many((next..end).map(|i| {
-            let sig = Signature::<Echo>::new((i, ms));
-            if ids { sig.task_id(TaskId(uuid::Uuid::from_u128(ID_BASE + u128::from(i)))) } else { sig }
-        }))
-        .await?;
+        let end = (next + BATCH).min(tasks);
+        let stem = stem.clone();
+        batches.spawn(async move {
+            stem.enqueue_many((next..end).map(|i| {
+                let sig = Signature::<Echo>::new((i, ms));
+                if ids { sig.task_id(TaskId(uuid::Uuid::from_u128(ID_BASE + u128::from(i)))) } else { sig }
+            }))
+            .await
+            .map(|_| ())
+        });
         next = end;
+        if batches.len() >= IN_FLIGHT {
+            join_one(&mut batches).await?;
+        }
+    }
+    while !batches.is_empty() {
+        join_one(&mut batches).await?;
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+async fn join_one(batches: &mut tokio::task::JoinSet<Result<(), stem::Error>>) -> Result<(), stem::Error> {
+    match batches.join_next().await {
+        Some(Ok(done)) => done,
+        Some(Err(e)) => Err(stem::Error::Config(format!("enqueue batch panicked: {e}"))),
+        None => Ok(()),
+    }
 }
 
 async fn drain(
