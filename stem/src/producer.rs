@@ -299,9 +299,8 @@ impl Stem {
         }
         let statuses: Vec<_> =
             envelopes.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
-        self.inner.backend.set(statuses).await?;
         let published = signals.is_connected::<AfterPublish>().then(|| envelopes.clone());
-        self.inner.broker.publish(envelopes).await?;
+        self.inner.broker.record_and_publish(&*self.inner.backend, statuses, envelopes).await?;
         for envelope in published.into_iter().flatten() {
             signals.emit(|| AfterPublish { envelope });
         }

@@ -72,6 +72,61 @@ pub async fn publish_consume_ack(h: &impl Harness) {
     assert!(again.is_empty(), "acked deliveries never come back");
 }
 
+/// The producer's and the worker's combined calls (`record_and_publish`, `record_and_ack`),
+/// on a broker and backend of the same namespace, as an adapter's `connect` builds them.
+pub async fn combined_record_publish_and_ack(h: &impl Harness) {
+    let ns = namespace();
+    let b = h.broker(&ns).await;
+    let k = h.backend(&ns, TTL).await;
+    let envs = vec![env("q", 0), env("q", 1)];
+    let queued: Vec<_> = envs.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+    b.record_and_publish(&*k, queued.clone(), envs.clone()).await.unwrap();
+    for e in &envs {
+        assert_eq!(
+            k.get(e.id).await.unwrap().unwrap().state,
+            TaskState::Queued,
+            "{}: queued recorded",
+            h.name()
+        );
+    }
+    let r = req(&["q"], 10, Duration::from_secs(30), Duration::from_secs(2));
+    let got = consume_n(&*b, &r, 2, Duration::from_secs(5)).await;
+    let first = got.iter().find(|d| d.envelope.id == envs[0].id).unwrap();
+    let mut done = TaskStatus::for_envelope(&first.envelope, TaskState::Succeeded);
+    done.result = Some(json!("ok"));
+    b.record_and_ack(&*k, vec![done.clone()], vec![first.receipt.clone()]).await.unwrap();
+    assert_eq!(
+        k.get(envs[0].id).await.unwrap().unwrap().result,
+        Some(json!("ok")),
+        "{}: outcome stored",
+        h.name()
+    );
+    let counts = b.counts("q").await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.in_flight),
+        (0, 1),
+        "{}: only the acked delivery is finished",
+        h.name()
+    );
+
+    // The same id enqueued again: its `queued` record never replaces the stored outcome, and
+    // the envelope is delivered again.
+    b.record_and_publish(&*k, vec![queued[0].clone()], vec![envs[0].clone()]).await.unwrap();
+    assert_eq!(
+        k.get(envs[0].id).await.unwrap().unwrap().state,
+        TaskState::Succeeded,
+        "{}: a queued record never replaces an outcome",
+        h.name()
+    );
+    let again = consume_n(&*b, &r, 1, Duration::from_secs(5)).await;
+    assert_eq!(again[0].envelope.id, envs[0].id);
+    // Both remaining deliveries finished in one call.
+    let second = got.iter().find(|d| d.envelope.id == envs[1].id).unwrap();
+    b.record_and_ack(&*k, Vec::new(), vec![second.receipt.clone(), again[0].receipt.clone()]).await.unwrap();
+    let counts = b.counts("q").await.unwrap();
+    assert_eq!((counts.pending, counts.in_flight), (0, 0), "{}", h.name());
+}
+
 pub async fn consume_blocks_until_publish(h: &impl Harness) {
     let b = broker(h).await;
     let b2 = Arc::clone(&b);

@@ -80,6 +80,7 @@ macro_rules! contract_tests {
     ($harness:expr) => {
         $crate::contract_tests!(@each $harness;
             publish_consume_ack,
+            combined_record_publish_and_ack,
             consume_blocks_until_publish,
             nack_with_and_without_requeue,
             lease_expiry_redelivers,

@@ -103,6 +103,47 @@ impl RedisBackend {
     pub(crate) fn ttl(&self) -> Duration {
         self.inner.ttl
     }
+
+    /// Append `queued` records as `SET … NX` commands to `pipe`, ahead of the commands that
+    /// publish their envelopes (see `RedisBroker::record_and_publish`).
+    pub(crate) fn push_create_queued(
+        &self,
+        pipe: &mut redis::Pipeline,
+        statuses: &[TaskStatus],
+    ) -> Result<()> {
+        statuses.iter().try_for_each(|s| self.inner.push_create_queued(pipe, s))
+    }
+
+    /// Given the answers to [`Self::push_create_queued`]'s commands, write the records that
+    /// met an existing one through the fencing script.
+    pub(crate) async fn finish_create_queued(
+        &self,
+        statuses: &[TaskStatus],
+        answers: &[Value],
+    ) -> Result<()> {
+        let missed = missed_creates(statuses, answers);
+        if missed.is_empty() { Ok(()) } else { self.set_fenced(missed).await }
+    }
+
+    /// Write records through the fencing script.
+    async fn set_fenced(&self, statuses: Vec<TaskStatus>) -> Result<()> {
+        let inner = &self.inner;
+        let ttl = millis(inner.ttl);
+        for chunk in statuses.chunks(SET_CHUNK) {
+            let mut e = inner.eval(&scripts::SET_STATUS);
+            e.arg(ttl);
+            for s in chunk {
+                push_status_args(&mut e, s)?;
+            }
+            e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The records whose `SET … NX` (answers in the same order) found an existing record.
+fn missed_creates(statuses: &[TaskStatus], answers: &[Value]) -> Vec<TaskStatus> {
+    statuses.iter().zip(answers).filter(|(_, a)| matches!(a, Value::Nil)).map(|(s, _)| s.clone()).collect()
 }
 
 /// Append one record's five script arguments (see `scripts/status_lib.lua`).
@@ -155,22 +196,25 @@ impl Inner {
     /// Write `queued` records that have no record yet (`SET NX`, pipelined); returns the
     /// ones that found a record, which need the fencing rules.
     async fn create_queued(&self, statuses: Vec<TaskStatus>) -> Result<Vec<TaskStatus>> {
-        let ttl = millis(self.ttl);
         let mut left = Vec::new();
         for chunk in statuses.chunks(SET_CHUNK) {
             let mut pipe = redis::pipe();
             for s in chunk {
-                let mut value = Vec::with_capacity(512);
-                write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
-                serde_json::to_writer(&mut value, s)?;
-                pipe.cmd("SET").arg(self.keys.record(s.id)).arg(value).arg("PX").arg(ttl).arg("NX");
+                self.push_create_queued(&mut pipe, s)?;
             }
             let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
-            left.extend(
-                chunk.iter().zip(answers).filter(|(_, a)| matches!(a, Value::Nil)).map(|(s, _)| s.clone()),
-            );
+            left.extend(missed_creates(chunk, &answers));
         }
         Ok(left)
+    }
+
+    /// Append `SET record value PX ttl NX` for a `queued` record to `pipe`.
+    fn push_create_queued(&self, pipe: &mut redis::Pipeline, s: &TaskStatus) -> Result<()> {
+        let mut value = Vec::with_capacity(512);
+        write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
+        serde_json::to_writer(&mut value, s)?;
+        pipe.cmd("SET").arg(self.keys.record(s.id)).arg(value).arg("PX").arg(millis(self.ttl)).arg("NX");
+        Ok(())
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskStatus>> {
@@ -424,25 +468,15 @@ fn group_state(id: TaskId, fields: HashMap<String, Vec<u8>>) -> Result<Option<Gr
 impl ResultBackend for RedisBackend {
     fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let inner = &self.inner;
             // A producer's `queued` records are first writes: try them as plain `SET NX` in
             // one pipeline, and send only those that met an existing record through the
             // fencing script.
             let statuses = if statuses.iter().all(|s| s.state == TaskState::Queued) {
-                inner.create_queued(statuses).await?
+                self.inner.create_queued(statuses).await?
             } else {
                 statuses
             };
-            let ttl = millis(inner.ttl);
-            for chunk in statuses.chunks(SET_CHUNK) {
-                let mut e = inner.eval(&scripts::SET_STATUS);
-                e.arg(ttl);
-                for s in chunk {
-                    push_status_args(&mut e, s)?;
-                }
-                e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
-            }
-            Ok(())
+            self.set_fenced(statuses).await
         })
     }
 

@@ -10,7 +10,7 @@ use chrono::Utc;
 use parking_lot::Mutex;
 use redis::Value;
 use redis::aio::ConnectionManager;
-use stem::backend::{ResultBackend, TaskStatus};
+use stem::backend::{ResultBackend, TaskState, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -151,6 +151,37 @@ impl RedisBroker {
         self.conn.commands()
     }
 
+    /// Append the commands that store `envelopes` to `pipe` (their answers are ignored).
+    ///
+    /// Plain commands, no script: appending to a stream needs no check. A connection lost
+    /// mid-pipeline may leave part of a batch stored; the caller's retry then publishes some
+    /// envelopes twice, which at-least-once delivery allows.
+    async fn push_publish(&self, pipe: &mut redis::Pipeline, envelopes: &[Envelope]) -> Result<()> {
+        let now = Utc::now().timestamp_millis();
+        for env in envelopes {
+            let json = env.to_json()?;
+            let priority = env.priority.min(MAX_PRIORITY);
+            let due = env.not_before.map_or(0, |t| t.timestamp_millis().max(0));
+            let vis = env.visibility_timeout.map(millis);
+            if due > now {
+                // Same member format as `store` in scripts/common.lua.
+                let mut member =
+                    format!("{priority}|{}|", vis.map(|v| v.to_string()).unwrap_or_default()).into_bytes();
+                member.extend_from_slice(&json);
+                pipe.cmd("ZADD").arg(self.keys.delayed(&env.queue)).arg(due).arg(member).ignore();
+            } else {
+                let stream = self.keys.stream(&env.queue, priority);
+                self.ensure_group(&stream).await?;
+                let xadd = pipe.cmd("XADD").arg(stream).arg("*").arg("e").arg(json);
+                if let Some(v) = vis {
+                    xadd.arg("v").arg(v);
+                }
+                xadd.ignore();
+            }
+        }
+        Ok(())
+    }
+
     /// Create `stream` and its consumer group unless this broker already did (or saw them).
     async fn ensure_group(&self, stream: &str) -> Result<()> {
         if self.grouped.lock().contains(stream) {
@@ -286,37 +317,46 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            // Plain commands, pipelined: no script is needed to append to a stream, and a
-            // partly stored batch (connection lost mid-way) only means the caller's retry
-            // publishes some envelopes twice, which at-least-once delivery allows.
-            let now = Utc::now().timestamp_millis();
             for chunk in envelopes.chunks(PUBLISH_CHUNK) {
                 let mut pipe = redis::pipe();
-                for env in chunk {
-                    let json = env.to_json()?;
-                    let priority = env.priority.min(MAX_PRIORITY);
-                    let due = env.not_before.map_or(0, |t| t.timestamp_millis().max(0));
-                    let vis = env.visibility_timeout.map(millis);
-                    if due > now {
-                        // Same member format as `store` in scripts/common.lua.
-                        let mut member =
-                            format!("{priority}|{}|", vis.map(|v| v.to_string()).unwrap_or_default())
-                                .into_bytes();
-                        member.extend_from_slice(&json);
-                        pipe.cmd("ZADD").arg(self.keys.delayed(&env.queue)).arg(due).arg(member).ignore();
-                    } else {
-                        let stream = self.keys.stream(&env.queue, priority);
-                        self.ensure_group(&stream).await?;
-                        let xadd = pipe.cmd("XADD").arg(stream).arg("*").arg("e").arg(json);
-                        if let Some(v) = vis {
-                            xadd.arg("v").arg(v);
-                        }
-                        xadd.ignore();
-                    }
-                }
+                self.push_publish(&mut pipe, chunk).await?;
                 pipe.query_async::<()>(&mut self.cmd()).await.map_err(err)?;
             }
             Ok(())
+        })
+    }
+
+    fn record_and_publish<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let colocated = backend
+                .as_any()
+                .and_then(|b| b.downcast_ref::<RedisBackend>())
+                .filter(|b| b.colocated_with(&self.conn, &self.keys));
+            let small = statuses.len() <= PUBLISH_CHUNK && envelopes.len() <= PUBLISH_CHUNK;
+            match colocated {
+                // One pipeline, records first: `SET … NX` for each queued record, then the
+                // envelopes. A record that met an existing one (an id enqueued again) goes
+                // through the fencing script afterwards, which never lets it replace an
+                // outcome.
+                Some(b) if small && statuses.iter().all(|s| s.state == TaskState::Queued) => {
+                    let mut pipe = redis::pipe();
+                    b.push_create_queued(&mut pipe, &statuses)?;
+                    self.push_publish(&mut pipe, &envelopes).await?;
+                    let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
+                    b.finish_create_queued(&statuses, &answers[..statuses.len().min(answers.len())]).await
+                }
+                _ => {
+                    if !statuses.is_empty() {
+                        backend.set(statuses).await?;
+                    }
+                    self.publish(envelopes).await
+                }
+            }
         })
     }
 

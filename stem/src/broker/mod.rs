@@ -119,6 +119,26 @@ pub trait Broker: Send + Sync + 'static {
     /// Store envelopes; those with a future `not_before` are held until due.
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>>;
 
+    /// The producer's path: store the `queued` records in `backend`, then publish `envelopes`.
+    ///
+    /// The default calls [`ResultBackend::set`], then [`Broker::publish`]. A broker whose
+    /// backend lives in the same store (see [`ResultBackend::as_any`]) may override it to send
+    /// both in one round trip, keeping the records ahead of the envelopes so a fast worker's
+    /// outcome is never overwritten by a late `queued` record.
+    fn record_and_publish<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if !statuses.is_empty() {
+                backend.set(statuses).await?;
+            }
+            self.publish(envelopes).await
+        })
+    }
+
     /// Lease up to `req.max` ready envelopes, waiting up to `req.wait` for the first.
     fn consume<'a>(&'a self, req: &'a ConsumeRequest) -> BoxFuture<'a, Result<Vec<Delivery>>>;
 
