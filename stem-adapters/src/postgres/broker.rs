@@ -43,6 +43,7 @@ pub(crate) struct Sql {
     claim_many: String,
     next_due: String,
     malformed: String,
+    release: String,
     ack: String,
     nack_requeue: String,
     nack_drop: String,
@@ -102,6 +103,13 @@ impl Sql {
                 "WITH d AS (DELETE FROM {s}.jobs WHERE id = $1 RETURNING queue, payload) \
                  INSERT INTO {s}.dead_letters (queue, reason, detail, payload) \
                  SELECT queue, $2, $3, payload FROM d"
+            ),
+            release: format!(
+                "WITH u AS (UPDATE {s}.jobs j SET state = 'ready', lease_until = NULL, consumer = NULL, \
+                   deliveries = greatest(j.deliveries - 1, 0) \
+                   FROM unnest($1::int8[], $2::int8[]) AS a(id, token) \
+                   WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased' RETURNING 1) \
+                 SELECT count(*) FROM (SELECT 1 FROM u LIMIT 1) x, LATERAL (SELECT pg_notify($3, 'j')) n"
             ),
             ack: format!(
                 "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int8[]) AS a(id, token) \
@@ -284,18 +292,66 @@ impl PgBroker {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ");
-                    sqlx::query(&self.sql.malformed)
+                    // The good deliveries of this batch are leased already: a failure here
+                    // must not lose them. The row stays leased and comes back (and is moved
+                    // again) when its lease lapses.
+                    let moved = sqlx::query(&self.sql.malformed)
                         .bind(id)
                         .bind(REASON_MALFORMED)
                         .bind(e.to_string())
                         .execute(pool)
-                        .await
-                        .map_err(db_err)?;
+                        .await;
+                    match moved {
+                        Ok(_) => tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ"),
+                        Err(db) => tracing::error!(
+                            id, queue, error = %e, db_error = %db,
+                            "malformed envelope could not be moved to the DLQ; retrying when its lease lapses"
+                        ),
+                    }
                 }
             }
         }
         Ok(out)
+    }
+
+    /// [`claim`](Self::claim) on a task of its own. A consumer that stops waiting (a worker
+    /// shutting down drops its fetch) may do so after the claim committed on the server:
+    /// the rows would then stay leased to nobody until their lease lapsed. Here the claim
+    /// always completes, and deliveries nobody takes any more are put back at once (their
+    /// delivery count restored), so a graceful shutdown leaves nothing leased.
+    async fn claim_detached(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let req = req.clone();
+        tokio::spawn(async move {
+            let claimed = this.claim(&req).await;
+            if let Err(Ok(unwanted)) = tx.send(claimed) {
+                this.release(unwanted).await;
+            }
+        });
+        rx.await.map_err(|_| stem::Error::broker("the claim task stopped before answering"))?
+    }
+
+    /// Put deliveries that were claimed but never handed out back to `ready`.
+    async fn release(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let (ids, tokens): (Vec<i64>, Vec<i64>) =
+            deliveries.iter().filter_map(|d| parse_tag(&d.receipt)).unzip();
+        let released = sqlx::query(&self.sql.release)
+            .bind(ids)
+            .bind(tokens)
+            .bind(self.store.channel())
+            .execute(self.store.pool())
+            .await;
+        match released {
+            Ok(_) => tracing::debug!(n = deliveries.len(), "released deliveries of an abandoned fetch"),
+            Err(e) => tracing::warn!(
+                n = deliveries.len(), error = %e,
+                "releasing deliveries of an abandoned fetch failed; they come back when their lease lapses"
+            ),
+        }
     }
 
     /// Milliseconds until the next delayed row is due or lease expires, if any.
@@ -344,7 +400,7 @@ impl Broker for PgBroker {
                 let notified = hub.jobs.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let out = self.claim(req).await?;
+                let out = self.claim_detached(req).await?;
                 if !out.is_empty() {
                     return Ok(out);
                 }

@@ -2,8 +2,10 @@
 //! namespace's channel and turning notifications into in-process wake-ups.
 //!
 //! Payloads: `j` (jobs became ready), `b` (a broadcast message), `s<uuid>` (a task reached a
-//! terminal state). After a lost connection the listener reconnects by itself and wakes
-//! every waiter, since notifications may have been missed in between.
+//! terminal state). A lost connection is logged at once (it is usually the first sign of a
+//! server outage); the listener then reconnects by itself with capped backoff, logging each
+//! failed attempt, and wakes every waiter, since notifications may have been missed in
+//! between. Meanwhile consumers and waiters fall back to polling.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,23 +27,30 @@ impl Listener {
         let (ready_tx, ready) = watch::channel(false);
         let (stop, stop_rx) = oneshot::channel();
         // A dedicated one-connection pool: the listening connection never takes a slot of the
-        // command pool, and a reconnect opens a fresh connection.
+        // command pool, and a reconnect opens a fresh connection. The pool keeps retrying a
+        // refused connection until its acquire timeout: keep that short so an outage is
+        // reported every few seconds.
         let options = pool.connect_options().as_ref().clone();
         let own = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(RECONNECT_ATTEMPT)
             .connect_lazy_with(options);
         tokio::spawn(run(own, channel, hub, ready_tx, stop_rx));
         Listener { ready, _stop: stop }
     }
 
-    /// Wait until the connection listens (at most `within`).
+    /// Wait until the connection has listened once (at most `within`). After a later loss,
+    /// nobody waits: consumers and waiters poll until the listener is back, and it wakes
+    /// them all when it is.
     pub(crate) async fn ready(&self, within: Duration) {
         let mut rx = self.ready.clone();
         let _ = tokio::time::timeout(within, rx.wait_for(|r| *r)).await;
     }
 }
+
+/// How long one reconnect attempt may take.
+const RECONNECT_ATTEMPT: Duration = Duration::from_secs(3);
 
 async fn run(
     pool: PgPool,
@@ -51,9 +60,12 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut listened_before = false;
     loop {
         let connected = async {
             let mut l = PgListener::connect_with(&pool).await?;
+            // Report a lost connection at once instead of reconnecting inside `try_recv`.
+            l.eager_reconnect(false);
             l.listen(&channel).await?;
             Ok::<_, sqlx::Error>(l)
         };
@@ -62,7 +74,11 @@ async fn run(
             r = connected => match r {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, channel, "LISTEN failed; waiters fall back to polling");
+                    let error = match e {
+                        sqlx::Error::PoolTimedOut => format!("no connection within {RECONNECT_ATTEMPT:?}"),
+                        e => e.to_string(),
+                    };
+                    tracing::warn!(error, channel, retry_in = ?backoff, "LISTEN failed; waiters fall back to polling");
                     tokio::select! {
                         _ = &mut stop => return,
                         () = tokio::time::sleep(backoff) => {}
@@ -73,6 +89,10 @@ async fn run(
             },
         };
         backoff = Duration::from_millis(100);
+        if listened_before {
+            tracing::info!(channel, "LISTEN connection to Postgres re-established");
+        }
+        listened_before = true;
         let _ = ready.send(true);
         hub.wake_all();
         loop {
@@ -82,11 +102,14 @@ async fn run(
             };
             match next {
                 Ok(Some(n)) => dispatch(&hub, n.payload()),
-                // The connection dropped and was re-established: anything may have been missed.
-                Ok(None) => hub.wake_all(),
+                // The connection dropped (a server shutdown ends it this way).
+                Ok(None) => {
+                    tracing::warn!(channel, "lost the LISTEN connection to Postgres; reconnecting");
+                    hub.wake_all();
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, channel, "LISTEN connection lost; reconnecting");
-                    let _ = ready.send(false);
+                    tracing::warn!(error = %e, channel, "LISTEN connection failed; reconnecting");
                     hub.wake_all();
                     break;
                 }

@@ -20,7 +20,8 @@ mod tx;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio::sync::OnceCell;
 
 pub use backend::PgBackend;
@@ -126,23 +127,28 @@ impl PgStore {
     /// Connect to the database named by `url` (`postgres://` or `postgresql://`, optional
     /// `?ns=name`, default namespace `stem`) and apply the migrations to the namespace's
     /// schema. Fails within `options.connect_timeout` with an error naming the URL (password
-    /// masked) when the server does not answer.
+    /// masked) when the server does not answer or refuses the connection (its reason, such as
+    /// an unknown role or database, included).
     pub async fn connect(url: &str, options: PgOptions) -> Result<Self, stem::Error> {
         let masked = crate::url::mask(url);
         let (driver_url, namespace) = split_namespace(url)?;
         let connect_options: PgConnectOptions = driver_url
             .parse()
             .map_err(|e| stem::Error::Config(format!("invalid Postgres URL `{masked}`: {e}")))?;
+        // One direct connection first: the pool would keep retrying a refused connection
+        // until its acquire timeout and then report only that it timed out, where a direct
+        // attempt says why (refused, unknown host, role or database rejected by the server).
+        let timeout = options.connect_timeout;
+        let probe = tokio::time::timeout(timeout, PgConnection::connect_with(&connect_options))
+            .await
+            .map_err(|_| unreachable(&masked, format!("no answer within {timeout:?}")))?
+            .map_err(|e| unreachable(&masked, e))?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
             .acquire_timeout(options.connect_timeout.max(Duration::from_secs(10)))
             .connect_lazy_with(connect_options);
-        let timeout = options.connect_timeout;
-        tokio::time::timeout(timeout, pool.acquire())
-            .await
-            .map_err(|_| unreachable(&masked, format!("no answer within {timeout:?}")))?
-            .map_err(|e| unreachable(&masked, e))?;
         Self::with_pool(pool, &namespace, options, masked).await
     }
 
@@ -281,12 +287,22 @@ impl PgStore {
 }
 
 fn db_err(e: sqlx::Error) -> stem::Error {
-    stem::Error::broker(e)
+    match e {
+        sqlx::Error::PoolTimedOut => stem::Error::broker(NO_CONNECTION),
+        e => stem::Error::broker(e),
+    }
 }
 
 fn backend_err(e: sqlx::Error) -> stem::Error {
-    stem::Error::backend(e)
+    match e {
+        sqlx::Error::PoolTimedOut => stem::Error::backend(NO_CONNECTION),
+        e => stem::Error::backend(e),
+    }
 }
+
+/// What a pool timeout means here: the pool retries a refused connection until it gives up.
+const NO_CONNECTION: &str =
+    "no Postgres connection within the pool's acquire timeout (server unreachable, or every connection busy)";
 
 /// Open a broker and a backend on one pool (`postgres://` / `postgresql://`).
 pub(crate) async fn connect(url: &str) -> Result<crate::Adapters, stem::Error> {

@@ -47,9 +47,12 @@ const CLAIM_MANY: &str = "UPDATE jobs SET state = 'leased', token = token + 1, d
 const NEXT_DUE: &str = "SELECT min(x) FROM ( \
        SELECT min(run_at) AS x FROM jobs WHERE state = 'ready' AND queue IN (SELECT value FROM json_each(?1)) \
        UNION ALL SELECT min(lease_until) FROM jobs WHERE state = 'leased')";
-const MALFORMED_COPY: &str = "INSERT INTO dead_letters (queue, reason, detail, payload, dead_at) \
-     SELECT queue, ?2, ?3, payload, ?4 FROM jobs WHERE id = ?1";
+const MALFORMED_INSERT: &str =
+    "INSERT INTO dead_letters (queue, reason, detail, payload, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)";
 const DELETE_ONE: &str = "DELETE FROM jobs WHERE id = ?1";
+const RELEASE: &str = "UPDATE jobs SET state = 'ready', lease_until = NULL, consumer = NULL, \
+       deliveries = max(deliveries - 1, 0) \
+     WHERE state = 'leased' AND (id, token) IN (SELECT value->>0, value->>1 FROM json_each(?1))";
 const ACK: &str = "DELETE FROM jobs WHERE state = 'leased' \
      AND (id, token) IN (SELECT value->>0, value->>1 FROM json_each(?1))";
 const NACK_REQUEUE: &str = "UPDATE jobs SET state = 'ready', lease_until = NULL, consumer = NULL \
@@ -147,15 +150,20 @@ impl SqliteBroker {
             .fetch_all(w)
             .await
             .map_err(db_err)?;
+        // SQLite keeps whatever a row was given, whatever the column's type: a row written by
+        // hand may hold text in `priority` or a blob in `payload`. Nothing here may fail
+        // after the claim (the batch is leased already), so every column has a fallback and
+        // a payload that is not an envelope goes to the DLQ.
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let id: i64 = row.try_get(0).map_err(db_err)?;
-            let token: i64 = row.try_get(1).map_err(db_err)?;
-            let deliveries: i64 = row.try_get(2).map_err(db_err)?;
-            let priority: i64 = row.try_get(3).map_err(db_err)?;
-            let run_at: i64 = row.try_get(4).map_err(db_err)?;
-            let queue: String = row.try_get(5).map_err(db_err)?;
-            let payload: String = row.try_get(6).map_err(db_err)?;
+            let token: i64 = row.try_get(1).unwrap_or(0);
+            let deliveries: i64 = row.try_get(2).unwrap_or(1);
+            let priority: i64 = row.try_get(3).unwrap_or(0);
+            let run_at: i64 = row.try_get(4).unwrap_or(0);
+            let queue: String =
+                row.try_get(5).unwrap_or_else(|_| req.queues.first().cloned().unwrap_or_default());
+            let payload: Vec<u8> = row.try_get(6).unwrap_or_default();
             claimed.push((priority, run_at, id, token, deliveries, queue, payload));
         }
         let rank = |q: &str| req.queues.iter().position(|x| x == q).unwrap_or(usize::MAX);
@@ -165,7 +173,7 @@ impl SqliteBroker {
         let mut out = Vec::with_capacity(claimed.len());
         let mut names: Vec<Arc<str>> = Vec::new();
         for (_, _, id, token, deliveries, queue, payload) in claimed {
-            match Envelope::from_json(payload.as_bytes()) {
+            match Envelope::from_json(&payload) {
                 Ok(env) => {
                     let q = match names.iter().find(|q| ***q == *queue) {
                         Some(q) => Arc::clone(q),
@@ -186,22 +194,76 @@ impl SqliteBroker {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ");
-                    let mut tx = w.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-                    sqlx::query(MALFORMED_COPY)
-                        .bind(id)
-                        .bind(REASON_MALFORMED)
-                        .bind(e.to_string())
-                        .bind(now_ms())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                    sqlx::query(DELETE_ONE).bind(id).execute(&mut *tx).await.map_err(db_err)?;
-                    tx.commit().await.map_err(db_err)?;
+                    // A failure here must not lose the batch's good deliveries: the row stays
+                    // leased and is moved when it comes back after its lease.
+                    let raw = String::from_utf8_lossy(&payload);
+                    match self.move_malformed(id, &queue, &e.to_string(), &raw).await {
+                        Ok(()) => {
+                            tracing::warn!(id, queue, error = %e, "malformed envelope moved to the DLQ")
+                        }
+                        Err(db) => tracing::error!(
+                            id, queue, error = %e, db_error = %db,
+                            "malformed envelope could not be moved to the DLQ; retrying when its lease lapses"
+                        ),
+                    }
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Move row `id` to the DLQ as `malformed-envelope`, with its payload as (lossy) text.
+    async fn move_malformed(&self, id: i64, queue: &str, why: &str, raw: &str) -> Result<()> {
+        let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        sqlx::query(MALFORMED_INSERT)
+            .bind(queue)
+            .bind(REASON_MALFORMED)
+            .bind(why)
+            .bind(raw)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(DELETE_ONE).bind(id).execute(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// [`claim`](Self::claim) on a task of its own: a consumer that stops waiting mid-claim
+    /// (a worker shutting down drops its fetch) never strands rows leased to nobody, since
+    /// deliveries nobody takes any more are put back at once, their delivery count restored.
+    async fn claim_detached(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let req = req.clone();
+        tokio::spawn(async move {
+            let claimed = this.claim(&req).await;
+            if let Err(Ok(unwanted)) = tx.send(claimed) {
+                this.release(unwanted).await;
+            }
+        });
+        rx.await.map_err(|_| stem::Error::broker("the claim task stopped before answering"))?
+    }
+
+    /// Put deliveries that were claimed but never handed out back to `ready`.
+    async fn release(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let pairs: Vec<(i64, i64)> = deliveries.iter().filter_map(|d| parse_tag(&d.receipt)).collect();
+        let released = match serde_json::to_string(&pairs) {
+            Ok(json) => sqlx::query(RELEASE).bind(json).execute(self.store.writer()).await.map_err(db_err),
+            Err(e) => Err(stem::Error::broker(e)),
+        };
+        match released {
+            Ok(_) => {
+                self.wake();
+                tracing::debug!(n = deliveries.len(), "released deliveries of an abandoned fetch");
+            }
+            Err(e) => tracing::warn!(
+                n = deliveries.len(), error = %e,
+                "releasing deliveries of an abandoned fetch failed; they come back when their lease lapses"
+            ),
+        }
     }
 
     async fn next_due(&self, queues: &[String]) -> Result<Option<i64>> {
@@ -247,7 +309,7 @@ impl Broker for SqliteBroker {
                 let notified = hub.jobs.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let out = self.claim(req).await?;
+                let out = self.claim_detached(req).await?;
                 if !out.is_empty() {
                     return Ok(out);
                 }
