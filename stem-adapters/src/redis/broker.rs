@@ -229,12 +229,12 @@ impl RedisBroker {
         for q in &req.queues {
             e.arg(q);
         }
-        let answer: Value = e.run(&mut self.cmd()).await.map_err(err)?;
+        let names: Arc<[Arc<str>]> = req.queues.iter().map(|q| Arc::from(q.as_str())).collect();
+        let answer = self.run_detached(e, Arc::clone(&names)).await?;
         let raws = match parse_consume(answer)? {
             Consumed::Deliveries(raws) => raws,
             idle => return Ok((Vec::new(), idle)),
         };
-        let names: Vec<Arc<str>> = req.queues.iter().map(|q| Arc::from(q.as_str())).collect();
         let mut out = Vec::with_capacity(raws.len());
         for raw in raws {
             let Some(queue) = names.get(raw.queue) else {
@@ -254,6 +254,37 @@ impl RedisBroker {
             }
         }
         Ok((out, Consumed::Deliveries(Vec::new())))
+    }
+
+    /// Run the consume script on a task of its own. A consumer that stops waiting (a worker
+    /// shutting down drops its fetch) may do so after the script leased entries on the
+    /// server: they would stay leased to nobody until their lease lapsed. Here the call always
+    /// completes, and deliveries nobody takes any more are given back at once.
+    async fn run_detached(&self, e: Eval, queues: Arc<[Arc<str>]>) -> Result<Value> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let answer = e.run::<Value>(&mut this.cmd()).await.map_err(err);
+            if let Err(Ok(unwanted)) = tx.send(answer) {
+                this.release_unwanted(unwanted, &queues).await;
+            }
+        });
+        rx.await.map_err(|_| err("the consume call stopped before answering"))?
+    }
+
+    /// Give back every delivery in a consume answer nobody waited for (lease score 0: the
+    /// next consume redelivers them first).
+    async fn release_unwanted(&self, answer: Value, queues: &[Arc<str>]) {
+        let Ok(Consumed::Deliveries(raws)) = parse_consume(answer) else { return };
+        let n = raws.len();
+        for raw in raws {
+            let Some(queue) = queues.get(raw.queue) else { continue };
+            let receipt = Receipt { queue: Arc::clone(queue), tag: raw.tag, lease: raw.token };
+            if let Err(e) = self.nack(receipt, true).await {
+                tracing::warn!(error = %e, "giving back a delivery of an abandoned fetch failed; it comes back when its lease lapses");
+            }
+        }
+        tracing::debug!(n, "gave back the deliveries of an abandoned fetch");
     }
 
     async fn dead_letter_malformed(&self, receipt: Receipt, payload: &[u8], why: String) -> Result<()> {
