@@ -99,6 +99,7 @@ macro_rules! contract_tests {
             backend_wait_times_out_with_latest,
             backend_progress_is_stored,
             group_counts_are_idempotent_per_member,
+            concurrent_group_records_see_the_group_complete,
             chord_claim_has_exactly_one_winner,
             heartbeats_expire
         );
