@@ -209,7 +209,8 @@ macro_rules! canvas_tests {
             link_and_link_error,
             immutable_steps_ignore_the_previous_output,
             group_progress_counts_failures,
-            duplicate_deliveries_start_nothing_twice
+            duplicate_deliveries_start_nothing_twice,
+            canvas_state_expires_with_the_result_ttl
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
