@@ -7,6 +7,9 @@
 //! stem-bench enqueue --url redis://127.0.0.1:6379/1?ns=run1 --tasks 2000 --task-ms 5
 //! stem-bench worker  --url redis://127.0.0.1:6379/1?ns=run1 --concurrency 16   # until SIGTERM
 //! stem-bench count   --url redis://127.0.0.1:6379/1?ns=run1
+//! cargo run --release --bin stem-bench -- chord --url redis://127.0.0.1:6379/9 --members 10000
+//! stem-bench canvas-worker  --url redis://127.0.0.1:6379/1?ns=run2 --log-runs   # until SIGTERM
+//! stem-bench canvas-enqueue --url redis://127.0.0.1:6379/1?ns=run2 --members 50
 //! ```
 //! Each measuring command prints one JSON line on stdout; logs go to stderr.
 
@@ -17,8 +20,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use std::sync::atomic::AtomicU64;
+
 use stem::backend::{ResultBackend, TaskState};
 use stem::broker::Broker;
+use stem::canvas::{Group, NoInput};
 use stem::{Registry, Signature, Stem, TaskContext, TaskError, TaskId, Worker, WorkerConfig};
 
 /// mimalloc keeps allocation cheap and contention-free across worker threads; we recommend
@@ -59,6 +65,45 @@ impl stem::Task for Echo {
         }
         Ok(i)
     }
+}
+
+/// Runs of [`chord_total`] in this process (`chord` reports it; it must be 1).
+static CALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// Chord member of `chord` and `canvas-enqueue`: sleeps `ms` milliseconds, returns `i`.
+#[stem::task(name = "bench.canvas.member", queue = "bench")]
+async fn chord_member(i: u64, ms: u64) -> u64 {
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if LOG_RUNS.load(Ordering::Relaxed) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "member {i}");
+    }
+    i
+}
+
+/// Chord callback of `chord` and `canvas-enqueue`: counts its runs, returns the sum.
+#[stem::task(name = "bench.canvas.total", queue = "bench")]
+async fn chord_total(values: Vec<u64>) -> u64 {
+    CALLBACKS.fetch_add(1, Ordering::Relaxed);
+    if LOG_RUNS.load(Ordering::Relaxed) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "callback {}", json!(values));
+    }
+    values.iter().sum()
+}
+
+/// Chain step of `canvas-enqueue`.
+#[stem::task(name = "bench.canvas.add", queue = "bench")]
+async fn chain_add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Chain step of `canvas-enqueue`.
+#[stem::task(name = "bench.canvas.mul", queue = "bench")]
+async fn chain_mul(a: i64, b: i64) -> i64 {
+    a * b
 }
 
 #[derive(Parser)]
@@ -130,6 +175,45 @@ enum Command {
         /// Adapter URL (used as given).
         #[arg(long)]
         url: String,
+    },
+    /// Run a chord of N members on one worker in this process; report members per second
+    /// from enqueue to the callback's result, and how many times the callback ran.
+    Chord {
+        /// Adapter URL. Without an `ns=` parameter each run gets a fresh namespace.
+        #[arg(long, default_value = "memory://")]
+        url: String,
+        /// Members in the chord's header.
+        #[arg(long, default_value_t = 10_000)]
+        members: u64,
+        /// Worker concurrency.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Run a worker with the canvas tasks of `canvas-enqueue` until SIGTERM or Ctrl-C.
+    CanvasWorker {
+        /// Adapter URL (used as given).
+        #[arg(long)]
+        url: String,
+        /// Tasks running at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Print `member <i>` for every chord member run and `callback <values>` for every
+        /// chord callback run.
+        #[arg(long)]
+        log_runs: bool,
+    },
+    /// Enqueue a chord (`--members` members, then a callback summing them) and a chain of
+    /// five steps for separate `canvas-worker` processes, print their ids and exit.
+    CanvasEnqueue {
+        /// Adapter URL (use `?ns=` to share a namespace with the workers).
+        #[arg(long)]
+        url: String,
+        /// Members in the chord's header.
+        #[arg(long, default_value_t = 50)]
+        members: u64,
+        /// Milliseconds each member sleeps.
+        #[arg(long, default_value_t = 0)]
+        task_ms: u64,
     },
 }
 
@@ -369,10 +453,101 @@ async fn count(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn canvas_registry() -> Result<Arc<Registry>, stem::RegistryError> {
+    Ok(Arc::new(
+        Registry::new()
+            .register::<chord_member>()
+            .register::<chord_total>()
+            .register::<chain_add>()
+            .register::<chain_mul>()
+            .build()?,
+    ))
+}
+
+/// Wait until the bench queue has nothing pending, delayed or in flight.
+async fn until_empty(broker: &dyn Broker) -> Result<(), stem::Error> {
+    loop {
+        let c = broker.counts(QUEUE).await?;
+        if c.pending + c.in_flight + c.delayed == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn chord(url: &str, members: u64, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, true).await?;
+    let registry = canvas_registry()?;
+    let stem = producer(&a, &registry);
+    let worker = Worker::builder(Arc::clone(&a.broker), Arc::clone(&a.backend))
+        .registry(registry)
+        .queues([QUEUE])
+        .concurrency(concurrency)
+        .build()?;
+    let handle = worker.spawn();
+    let t0 = Instant::now();
+    let header: Group<NoInput, u64> = Group::of((0..members).map(|i| chord_member::new(i, 0)));
+    let chord = stem.enqueue_canvas(header.chord(chord_total::partial())).await?;
+    let enqueue_s = t0.elapsed().as_secs_f64();
+    let total = chord.wait(Duration::from_secs(3600)).await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    // Acks follow the bookkeeping, so once the queue is empty every callback that was ever
+    // started has run.
+    until_empty(a.broker.as_ref()).await?;
+    handle.shutdown().await?;
+    let callbacks = CALLBACKS.load(Ordering::Relaxed);
+    emit(json!({
+        "adapter": adapter_name(url),
+        "members": members,
+        "concurrency": concurrency,
+        "enqueue_s": round(enqueue_s, 3),
+        "seconds": round(seconds, 3),
+        "members_per_s": round(members as f64 / seconds, 0),
+        "callbacks": callbacks,
+    }))?;
+    let expected = members.saturating_sub(1).saturating_mul(members) / 2;
+    if total != expected {
+        return Err(format!("the chord returned {total}, expected {expected}").into());
+    }
+    if callbacks != 1 {
+        return Err(format!("the chord callback ran {callbacks} times").into());
+    }
+    Ok(())
+}
+
+async fn canvas_worker(url: &str, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, false).await?;
+    let worker = Worker::builder(a.broker, a.backend)
+        .registry(canvas_registry()?)
+        .queues([QUEUE])
+        .concurrency(concurrency.max(1))
+        .build()?;
+    tracing::info!(worker = worker.id(), "stem-bench canvas worker ready");
+    worker.run_until_signal().await?;
+    Ok(())
+}
+
+async fn canvas_enqueue(url: &str, members: u64, task_ms: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let a = connect(url, false).await?;
+    let stem = producer(&a, &canvas_registry()?);
+    let header: Group<NoInput, u64> = Group::of((0..members).map(|i| chord_member::new(i, task_ms)));
+    let chord = stem.enqueue_canvas(header.chord(chord_total::partial())).await?;
+    // ((1 + 2) * 10 + 5) * 2 + 1 = 71
+    let chain =
+        stem::canvas!(chain[chain_add(1, 2), chain_mul(10), chain_add(5), chain_mul(2), chain_add(1)]);
+    let chain = stem.enqueue_canvas(chain).await?;
+    emit(json!({ "members": members, "chord": chord.id(), "chain": chain.id() }))?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_filter = if matches!(cli.command, Command::Worker { .. }) { "info" } else { "warn" };
+    let default_filter = if matches!(cli.command, Command::Worker { .. } | Command::CanvasWorker { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
@@ -394,6 +569,12 @@ async fn main() -> std::process::ExitCode {
             .await
         }
         Command::Count { url } => count(&url).await,
+        Command::Chord { url, members, concurrency } => chord(&url, members, concurrency).await,
+        Command::CanvasWorker { url, concurrency, log_runs } => {
+            LOG_RUNS.store(log_runs, Ordering::Relaxed);
+            canvas_worker(&url, concurrency).await
+        }
+        Command::CanvasEnqueue { url, members, task_ms } => canvas_enqueue(&url, members, task_ms).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

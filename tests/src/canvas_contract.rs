@@ -99,9 +99,14 @@ pub struct CanvasEnv {
 
 impl CanvasEnv {
     pub async fn new(h: &impl Harness, workers: usize) -> Self {
+        Self::with_ttl(h, workers, TTL).await
+    }
+
+    /// Like [`CanvasEnv::new`], with every backend handle keeping results for `ttl`.
+    pub async fn with_ttl(h: &impl Harness, workers: usize, ttl: Duration) -> Self {
         let ns = namespace();
         let broker = h.broker(&ns).await;
-        let backend = h.backend(&ns, TTL).await;
+        let backend = h.backend(&ns, ttl).await;
         let registry = registry();
         let stem =
             Stem::builder(Arc::clone(&broker), Arc::clone(&backend)).registry(Arc::clone(&registry)).build();
@@ -113,7 +118,7 @@ impl CanvasEnv {
             config.heartbeat_interval = Duration::from_millis(500);
             config.shutdown_grace = Duration::from_secs(10);
             // Each worker has its own adapter handles and its own producer.
-            let worker = Worker::builder(h.broker(&ns).await, h.backend(&ns, TTL).await)
+            let worker = Worker::builder(h.broker(&ns).await, h.backend(&ns, ttl).await)
                 .registry(Arc::clone(&registry))
                 .config(config)
                 .build()
@@ -363,23 +368,32 @@ pub async fn duplicate_deliveries_start_nothing_twice(h: &impl Harness) {
     assert_eq!(records(&after), vec![serde_json::json!(expected)], "{}: the next step ran once", h.name());
 }
 
-/// Throughput figure (not a check of behaviour beyond the result): a chord of `n` members on
-/// 4 workers; prints members per second from enqueue to the callback's result.
-#[allow(clippy::print_stdout)]
-pub async fn chord_throughput(h: &impl Harness, n: i64) {
-    let env = CanvasEnv::new(h, 4).await;
+/// Group and chord state (counters, member slots, the claim) and the records expire with the
+/// backend's result TTL, like any result.
+pub async fn canvas_state_expires_with_the_result_ttl(h: &impl Harness) {
+    let ttl = Duration::from_secs(4);
+    let env = CanvasEnv::with_ttl(h, 2, ttl).await;
     let tag = env.tag.clone();
-    let started = Instant::now();
-    let header: Group<NoInput, i64> = Group::of((0..n).map(|i| add::new(i, 1)));
+    let header: Group<NoInput, i64> = Group::of((0..5).map(|i| add::new(i, 1)));
     let handle = env.stem.enqueue_canvas(header.chord(sum::partial(tag.clone()))).await.unwrap();
-    let enqueued = started.elapsed();
-    assert_eq!(handle.wait(Duration::from_secs(600)).await.unwrap(), (1..=n).sum::<i64>());
-    let total = started.elapsed();
-    println!(
-        "{}: chord of {n}: enqueued in {enqueued:?}, callback result after {total:?} ({:.0} members/s)",
-        h.name(),
-        n as f64 / total.as_secs_f64()
-    );
+    assert_eq!(handle.wait(WAIT).await.unwrap(), 15, "{}", h.name());
+    let counts = handle.progress().await.unwrap().expect("header state before the TTL");
+    assert_eq!(counts.succeeded, 5);
     env.drain().await;
-    assert_eq!(records(&tag).len(), 1);
+    let give_up = Instant::now() + ttl + Duration::from_secs(10);
+    loop {
+        let group = handle.progress().await.unwrap();
+        let record = handle.status().await.unwrap();
+        if group.is_none() && record.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{}: canvas state outlived the TTL (group {group:?}, callback record {:?})",
+            h.name(),
+            record.map(|r| r.state)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(records(&tag).len(), 1, "{}: the callback ran once", h.name());
 }

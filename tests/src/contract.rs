@@ -536,6 +536,33 @@ pub async fn group_counts_are_idempotent_per_member(h: &impl Harness) {
     );
 }
 
+/// Members recorded at the same time from separate handles (every index twice, as a
+/// redelivery would): each member counts once, and at least one of the calls returns the
+/// group complete, so a chord is always carried on.
+pub async fn concurrent_group_records_see_the_group_complete(h: &impl Harness) {
+    let ns = namespace();
+    let k = h.backend(&ns, TTL).await;
+    let g = TaskId::new();
+    k.group_init(g, 40).await.unwrap();
+    let mut joins = Vec::new();
+    for index in (0..40).chain(0..40) {
+        let k = h.backend(&ns, TTL).await;
+        let state = if index == 17 { TaskState::Failed } else { TaskState::Succeeded };
+        joins.push(tokio::spawn(async move { k.group_record(g, index, outcome(state, index as i64)).await }));
+    }
+    let mut complete = 0;
+    for j in joins {
+        let c = j.await.unwrap().unwrap();
+        assert!(c.completed() <= 40, "{}: {c:?}", h.name());
+        complete += usize::from(c.is_done());
+    }
+    assert!(complete >= 1, "{}: some call must see the group complete", h.name());
+    let state = k.group_get(g).await.unwrap().unwrap();
+    assert_eq!(state.counts, GroupCounts { total: 40, succeeded: 39, failed: 1 }, "{}", h.name());
+    assert!(state.members.iter().all(Option::is_some));
+    assert_eq!(state.members[5].as_ref().and_then(|m| m.result.clone()), Some(json!(5)));
+}
+
 pub async fn chord_claim_has_exactly_one_winner(h: &impl Harness) {
     let ns = namespace();
     let k = h.backend(&ns, TTL).await;

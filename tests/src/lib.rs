@@ -100,6 +100,7 @@ macro_rules! contract_tests {
             backend_wait_times_out_with_latest,
             backend_progress_is_stored,
             group_counts_are_idempotent_per_member,
+            concurrent_group_records_see_the_group_complete,
             chord_claim_has_exactly_one_winner,
             heartbeats_expire
         );
@@ -209,7 +210,8 @@ macro_rules! canvas_tests {
             link_and_link_error,
             immutable_steps_ignore_the_previous_output,
             group_progress_counts_failures,
-            duplicate_deliveries_start_nothing_twice
+            duplicate_deliveries_start_nothing_twice,
+            canvas_state_expires_with_the_result_ttl
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -21,7 +21,8 @@ const SWEEP_EVERY_SECS: i64 = 30;
 /// Slow safety re-check while waiting, in case a notification was lost.
 const WAIT_RECHECK: Duration = Duration::from_secs(5);
 
-/// Result backend on the `statuses`, `groups`, `group_members` and `workers` tables.
+/// Result backend on the `statuses`, `groups`, `group_members`, `group_counts` and `workers`
+/// tables.
 ///
 /// `set` writes a whole batch in one statement: an `INSERT … ON CONFLICT DO UPDATE … WHERE`
 /// that applies [`TaskStatus::may_replace`] in SQL (a newer attempt, or the same attempt
@@ -50,9 +51,9 @@ pub(crate) struct Sql {
     progress: String,
     forget: String,
     group_init: String,
-    group_lock: String,
-    member_insert: String,
-    group_bump: String,
+    group_reset: String,
+    group_record: String,
+    group_counts: String,
     group_row: String,
     group_members: String,
     chord_claim: String,
@@ -94,24 +95,34 @@ impl Sql {
             group_init: format!(
                 "INSERT INTO {s}.groups AS g (id, total, expires_at) \
                  VALUES ($1, $2, now() + $3 * interval '1 millisecond') \
-                 ON CONFLICT (id) DO UPDATE SET total = EXCLUDED.total, succeeded = 0, failed = 0, \
-                   claimed = false, expires_at = EXCLUDED.expires_at \
+                 ON CONFLICT (id) DO UPDATE SET total = EXCLUDED.total, claimed = false, \
+                   expires_at = EXCLUDED.expires_at \
                  WHERE g.expires_at <= now()"
             ),
-            group_lock: format!(
-                "SELECT total FROM {s}.groups WHERE id = $1 AND expires_at > now() FOR UPDATE"
+            group_reset: format!(
+                "WITH m AS (DELETE FROM {s}.group_members WHERE group_id = $1) \
+                 DELETE FROM {s}.group_counts WHERE group_id = $1"
             ),
-            member_insert: format!(
-                "INSERT INTO {s}.group_members (group_id, idx, succeeded, outcome) VALUES ($1, $2, $3, $4::jsonb) \
-                 ON CONFLICT DO NOTHING"
+            // One statement: insert the member's row unless its slot is taken and, only when
+            // it was inserted, bump the counters of its shard (index modulo 32; members
+            // finishing together mostly touch different rows, so they commit in parallel).
+            // Returns the group's size; no row: the group does not exist or has expired.
+            group_record: format!(
+                "WITH g AS (SELECT total FROM {s}.groups WHERE id = $1 AND expires_at > now()), \
+                 ins AS (INSERT INTO {s}.group_members (group_id, idx, succeeded, outcome) \
+                   SELECT $1, $2, $3, $4::jsonb FROM g WHERE $2 < g.total \
+                   ON CONFLICT DO NOTHING RETURNING idx, succeeded), \
+                 bump AS (INSERT INTO {s}.group_counts AS c (group_id, shard, succeeded, failed) \
+                   SELECT $1, idx % {GROUP_SHARDS}, succeeded::int, (NOT succeeded)::int FROM ins \
+                   ON CONFLICT (group_id, shard) DO UPDATE \
+                   SET succeeded = c.succeeded + EXCLUDED.succeeded, failed = c.failed + EXCLUDED.failed) \
+                 SELECT total FROM g"
             ),
-            group_bump: format!(
-                "UPDATE {s}.groups SET succeeded = succeeded + $2, failed = failed + $3 WHERE id = $1 \
-                 RETURNING total, succeeded, failed"
+            group_counts: format!(
+                "SELECT coalesce(sum(succeeded), 0)::int, coalesce(sum(failed), 0)::int \
+                 FROM {s}.group_counts WHERE group_id = $1"
             ),
-            group_row: format!(
-                "SELECT total, succeeded, failed, claimed FROM {s}.groups WHERE id = $1 AND expires_at > now()"
-            ),
+            group_row: format!("SELECT total, claimed FROM {s}.groups WHERE id = $1 AND expires_at > now()"),
             group_members: format!(
                 "SELECT idx, outcome::text FROM {s}.group_members WHERE group_id = $1 ORDER BY idx"
             ),
@@ -210,6 +221,15 @@ impl PgBackend {
         self.ttl
     }
 
+    /// A group's succeeded and failed members: the sums of its counter shards.
+    async fn counts(&self, group: TaskId) -> Result<(i32, i32)> {
+        sqlx::query_as(&self.sql.group_counts)
+            .bind(group.0)
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(backend_err)
+    }
+
     /// Delete expired rows (statuses, groups, heartbeats, locks, revokes, unique claims)
     /// now; returns how many went. Runs by itself in the background every half minute
     /// while the backend writes.
@@ -250,6 +270,9 @@ async fn sweep(store: &PgStore, sql: &Sql) -> Result<u64> {
     }
     Ok(n)
 }
+
+/// Shards of a group's counters (`group_counts`).
+const GROUP_SHARDS: i32 = 32;
 
 fn count(x: i32) -> usize {
     usize::try_from(x).unwrap_or(0)
@@ -334,14 +357,11 @@ impl ResultBackend for PgBackend {
                 .map_err(backend_err)?;
             if r.rows_affected() > 0 {
                 // A re-created (expired) group starts without members.
-                sqlx::query(&format!(
-                    "DELETE FROM {}.group_members WHERE group_id = $1",
-                    self.store.schema()
-                ))
-                .bind(group.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_err)?;
+                sqlx::query(&self.sql.group_reset)
+                    .bind(group.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend_err)?;
             }
             tx.commit().await.map_err(backend_err)
         })
@@ -356,37 +376,26 @@ impl ResultBackend for PgBackend {
         Box::pin(async move {
             let encoded = serde_json::to_string(&outcome).map_err(stem::Error::backend)?;
             let succeeded = outcome.state == TaskState::Succeeded;
-            let mut tx = self.store.pool().begin().await.map_err(backend_err)?;
-            let total: Option<i32> = sqlx::query_scalar(&self.sql.group_lock)
+            let idx = i32::try_from(index)
+                .map_err(|_| stem::Error::backend(format!("group {group} has no member {index}")))?;
+            let total: Option<i32> = sqlx::query_scalar(&self.sql.group_record)
                 .bind(group.0)
-                .fetch_optional(&mut *tx)
+                .bind(idx)
+                .bind(succeeded)
+                .bind(encoded)
+                .fetch_optional(self.store.pool())
                 .await
                 .map_err(backend_err)?;
             let Some(total) = total else {
                 return Err(stem::Error::backend(format!("group {group} does not exist or has expired")));
             };
-            let idx = i32::try_from(index).ok().filter(|i| *i < total);
-            let Some(idx) = idx else {
+            if idx >= total {
                 return Err(stem::Error::backend(format!("group {group} has no member {index}")));
-            };
-            let inserted = sqlx::query(&self.sql.member_insert)
-                .bind(group.0)
-                .bind(idx)
-                .bind(succeeded)
-                .bind(encoded)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_err)?
-                .rows_affected();
-            let added = i32::from(inserted > 0);
-            let (total, ok, failed): (i32, i32, i32) = sqlx::query_as(&self.sql.group_bump)
-                .bind(group.0)
-                .bind(if succeeded { added } else { 0 })
-                .bind(if succeeded { 0 } else { added })
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend_err)?;
-            tx.commit().await.map_err(backend_err)?;
+            }
+            // Read after the record committed: whichever member commits last sees every
+            // member counted, so a complete group is always noticed (possibly by several
+            // members; `chord_claim` picks one).
+            let (ok, failed) = self.counts(group).await?;
             Ok(GroupCounts { total: count(total), succeeded: count(ok), failed: count(failed) })
         })
     }
@@ -394,12 +403,13 @@ impl ResultBackend for PgBackend {
     fn group_get(&self, group: TaskId) -> BoxFuture<'_, Result<Option<GroupState>>> {
         Box::pin(async move {
             let pool = self.store.pool();
-            let row: Option<(i32, i32, i32, bool)> = sqlx::query_as(&self.sql.group_row)
+            let row: Option<(i32, bool)> = sqlx::query_as(&self.sql.group_row)
                 .bind(group.0)
                 .fetch_optional(pool)
                 .await
                 .map_err(backend_err)?;
-            let Some((total, ok, failed, claimed)) = row else { return Ok(None) };
+            let Some((total, claimed)) = row else { return Ok(None) };
+            let (ok, failed) = self.counts(group).await?;
             let members: Vec<(i32, String)> = sqlx::query_as(&self.sql.group_members)
                 .bind(group.0)
                 .fetch_all(pool)

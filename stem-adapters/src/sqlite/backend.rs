@@ -37,11 +37,11 @@ const GROUP_INIT: &str = "INSERT INTO groups (id, total, expires_at) VALUES (?1,
      ON CONFLICT (id) DO UPDATE SET total = excluded.total, succeeded = 0, failed = 0, claimed = 0, \
        expires_at = excluded.expires_at WHERE groups.expires_at <= ?3";
 const GROUP_CLEAR: &str = "DELETE FROM group_members WHERE group_id = ?1";
-const GROUP_TOTAL: &str = "SELECT total FROM groups WHERE id = ?1 AND expires_at > ?2";
-const MEMBER_INSERT: &str = "INSERT INTO group_members (group_id, idx, succeeded, outcome) VALUES (?1, ?2, ?3, ?4) \
+/// Inserts a member unless its slot is taken (the `group_members_count` trigger bumps the
+/// counters); nothing when the group does not exist, has expired or is smaller.
+const MEMBER_INSERT: &str = "INSERT INTO group_members (group_id, idx, succeeded, outcome) \
+     SELECT ?1, ?2, ?3, ?4 FROM groups WHERE id = ?1 AND expires_at > ?5 AND ?2 < total \
      ON CONFLICT DO NOTHING";
-const GROUP_BUMP: &str = "UPDATE groups SET succeeded = succeeded + ?2, failed = failed + ?3 WHERE id = ?1 \
-     RETURNING total, succeeded, failed";
 const GROUP_ROW: &str =
     "SELECT total, succeeded, failed, claimed FROM groups WHERE id = ?1 AND expires_at > ?2";
 const GROUP_MEMBERS: &str = "SELECT idx, outcome FROM group_members WHERE group_id = ?1 ORDER BY idx";
@@ -265,37 +265,32 @@ impl ResultBackend for SqliteBackend {
             let encoded = serde_json::to_string(&outcome).map_err(stem::Error::backend)?;
             let succeeded = outcome.state == TaskState::Succeeded;
             let gid = group.to_string();
-            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(backend_err)?;
-            let total: Option<i64> = sqlx::query_scalar(GROUP_TOTAL)
-                .bind(&gid)
-                .bind(now_ms())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend_err)?;
-            let Some(total) = total else {
-                return Err(stem::Error::backend(format!("group {group} does not exist or has expired")));
-            };
-            let Some(idx) = i64::try_from(index).ok().filter(|i| *i < total) else {
-                return Err(stem::Error::backend(format!("group {group} has no member {index}")));
-            };
-            let inserted = sqlx::query(MEMBER_INSERT)
+            let idx = i64::try_from(index)
+                .map_err(|_| stem::Error::backend(format!("group {group} has no member {index}")))?;
+            // One write statement (autocommit), then a read after it committed: whichever
+            // member commits last sees every member counted, so a complete group is always
+            // noticed (possibly by several members; `chord_claim` picks one).
+            sqlx::query(MEMBER_INSERT)
                 .bind(&gid)
                 .bind(idx)
                 .bind(succeeded)
                 .bind(encoded)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_err)?
-                .rows_affected();
-            let added = i64::from(inserted > 0);
-            let (total, ok, failed): (i64, i64, i64) = sqlx::query_as(GROUP_BUMP)
-                .bind(&gid)
-                .bind(if succeeded { added } else { 0 })
-                .bind(if succeeded { 0 } else { added })
-                .fetch_one(&mut *tx)
+                .bind(now_ms())
+                .execute(self.store.writer())
                 .await
                 .map_err(backend_err)?;
-            tx.commit().await.map_err(backend_err)?;
+            let row: Option<(i64, i64, i64, bool)> = sqlx::query_as(GROUP_ROW)
+                .bind(&gid)
+                .bind(now_ms())
+                .fetch_optional(self.store.reader())
+                .await
+                .map_err(backend_err)?;
+            let Some((total, ok, failed, _)) = row else {
+                return Err(stem::Error::backend(format!("group {group} does not exist or has expired")));
+            };
+            if idx >= total {
+                return Err(stem::Error::backend(format!("group {group} has no member {index}")));
+            }
             Ok(GroupCounts { total: count(total), succeeded: count(ok), failed: count(failed) })
         })
     }
