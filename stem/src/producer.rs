@@ -287,8 +287,8 @@ impl Stem {
 
     /// Record envelopes as queued, then publish them in one batch.
     ///
-    /// The queued record is written first so a fast worker's outcome can never be overwritten
-    /// by it.
+    /// The queued record is written first (or in the same transaction, on adapters that can)
+    /// so a fast worker's outcome can never be overwritten by it.
     pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
         for env in &envelopes {
             self.check_size(env)?;
@@ -299,9 +299,10 @@ impl Stem {
         }
         let statuses: Vec<_> =
             envelopes.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
-        self.inner.backend.set(statuses).await?;
         let published = signals.is_connected::<AfterPublish>().then(|| envelopes.clone());
-        self.inner.broker.publish(envelopes).await?;
+        // Records first, then envelopes; adapters that keep both in one store do it in one
+        // transaction (see `Broker::publish_with_statuses`).
+        self.inner.broker.publish_with_statuses(&*self.inner.backend, statuses, envelopes).await?;
         for envelope in published.into_iter().flatten() {
             signals.emit(|| AfterPublish { envelope });
         }

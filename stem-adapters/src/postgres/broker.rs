@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
+use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -12,7 +13,8 @@ use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
 use tokio::time::Instant;
 
-use super::{PgStore, db_err};
+use super::backend::{NOTIFY_TERMINAL, StatusRows, upsert_sql};
+use super::{PgBackend, PgStore, db_err};
 use crate::sql_shared::{dead_letter, millis};
 
 /// Broker on a `jobs` table in the namespace's schema.
@@ -39,6 +41,10 @@ impl std::fmt::Debug for PgBroker {
 /// Statements, with the schema filled in.
 pub(crate) struct Sql {
     pub(crate) publish: String,
+    /// Status upsert + job inserts in one statement (the producer's path).
+    pub(crate) publish_with_statuses: String,
+    /// Status upsert + lease-fenced delete in one statement (the worker's path).
+    record_and_ack: String,
     claim_one: String,
     claim_many: String,
     next_due: String,
@@ -90,12 +96,33 @@ impl Sql {
                      AS u(q, p, r, l, t, pl) RETURNING 1) \
                  SELECT count(*) FROM (SELECT 1 FROM ins LIMIT 1) x, LATERAL (SELECT pg_notify($7, 'j')) n"
             ),
+            publish_with_statuses: format!(
+                "WITH up AS ({up}), \
+                 ins AS (INSERT INTO {s}.jobs (queue, priority, run_at, lease_ms, task_id, payload) \
+                   SELECT q, p, coalesce(r, now()), l, t, pl \
+                   FROM unnest($10::text[], $11::int2[], $12::timestamptz[], $13::int8[], $14::uuid[], $15::text[]) \
+                     AS u(q, p, r, l, t, pl) RETURNING 1) \
+                 SELECT (SELECT count(*) FROM ({notify}) n), \
+                   (SELECT count(pg_notify($9, 'j')) FROM (SELECT 1 FROM ins LIMIT 1) x)",
+                up = upsert_sql(s),
+                notify = NOTIFY_TERMINAL,
+            ),
+            record_and_ack: format!(
+                "WITH up AS ({up}), \
+                 done AS (DELETE FROM {s}.jobs j USING unnest($10::int8[], $11::int8[]) AS a(id, token) \
+                   WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased' RETURNING 1) \
+                 SELECT (SELECT count(*) FROM ({notify}) n), (SELECT count(*) FROM done)",
+                up = upsert_sql(s),
+                notify = NOTIFY_TERMINAL,
+            ),
             claim_one: claim("queue = $1[1]", "priority DESC, run_at, id"),
             claim_many: claim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
             next_due: format!(
                 "SELECT (EXTRACT(EPOCH FROM (least( \
-                   (SELECT min(run_at) FROM {s}.jobs WHERE state = 'ready' AND queue = ANY($1)), \
-                   (SELECT min(lease_until) FROM {s}.jobs WHERE state = 'leased' AND queue = ANY($1)) \
+                   (SELECT min(r) FROM unnest($1::text[]) q, generate_series(0, 9) p, \
+                     LATERAL (SELECT run_at AS r FROM {s}.jobs WHERE state = 'ready' AND queue = q \
+                       AND priority = p::int2 ORDER BY run_at LIMIT 1) x), \
+                   (SELECT min(lease_until) FROM {s}.jobs WHERE lease_until IS NOT NULL AND queue = ANY($1)) \
                  ) - clock_timestamp())) * 1000)::float8"
             ),
             malformed: format!(
@@ -144,14 +171,22 @@ impl Sql {
             dlq_delete: format!("DELETE FROM {s}.dead_letters WHERE id = ANY($1)"),
             dlq_purge: format!("DELETE FROM {s}.dead_letters WHERE queue = $1"),
             purge: format!("DELETE FROM {s}.jobs WHERE queue = $1 AND state = 'ready'"),
+            // Row and lease totals come from the counter rows the `jobs` triggers keep; only
+            // the time-dependent parts are read from `jobs`, by index range scans whose cost
+            // is those rows, not the queue: expired leases (the lease index) and delayed rows
+            // (ten short range scans of the ready index, one per priority; with the priority
+            // as a join key a generic plan cannot turn it into a filter over the whole queue).
             counts: format!(
-                "SELECT \
-                   count(*) FILTER (WHERE (state = 'ready' AND run_at <= now()) \
-                     OR (state = 'leased' AND lease_until <= now())), \
-                   count(*) FILTER (WHERE state = 'ready' AND run_at > now()), \
-                   count(*) FILTER (WHERE state = 'leased' AND lease_until > now()), \
+                "WITH c AS (SELECT coalesce(sum(jobs), 0)::int8 AS total, coalesce(sum(leased), 0)::int8 AS leased \
+                   FROM {s}.queue_counts WHERE queue = $1), \
+                 e AS (SELECT count(*) AS expired FROM {s}.jobs \
+                   WHERE state = 'leased' AND lease_until <= now() AND queue = $1), \
+                 d AS (SELECT coalesce(sum(n), 0)::int8 AS delayed FROM generate_series(0, 9) p, \
+                   LATERAL (SELECT count(*) AS n FROM {s}.jobs WHERE state = 'ready' AND queue = $1 \
+                     AND priority = p::int2 AND run_at > now()) x) \
+                 SELECT total - leased - delayed + expired, delayed, leased - expired, \
                    (SELECT count(*) FROM {s}.dead_letters WHERE queue = $1) \
-                 FROM {s}.jobs WHERE queue = $1"
+                 FROM c, e, d"
             ),
             subscribe: format!(
                 "INSERT INTO {s}.broadcast_subscriptions (channel, subscriber) VALUES ($1, $2) \
@@ -200,19 +235,18 @@ impl JobRows {
         Ok(())
     }
 
-    pub(crate) fn bind<'q>(
+    /// Bind the six column arrays as the next six parameters of `query`.
+    pub(crate) fn bind_to<'q>(
         self,
-        sql: &'q str,
-        channel: &str,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        sqlx::query(sql)
+        query
             .bind(self.queues)
             .bind(self.priorities)
             .bind(self.run_at)
             .bind(self.lease_ms)
             .bind(self.task_ids)
             .bind(self.payloads)
-            .bind(channel.to_owned())
     }
 }
 
@@ -230,6 +264,13 @@ impl PgBroker {
     /// The store this broker runs on.
     pub fn store(&self) -> &PgStore {
         &self.store
+    }
+
+    /// `backend` when it is a [`PgBackend`] on this broker's store (same pool and namespace),
+    /// whose writes can share this broker's statements.
+    fn same_store<'b>(&self, backend: &'b dyn ResultBackend) -> Option<&'b PgBackend> {
+        let pg = backend.as_any()?.downcast_ref::<PgBackend>()?;
+        pg.store().same_as(&self.store).then_some(pg)
     }
 
     /// One claim round: lease up to `req.max` due rows.
@@ -312,7 +353,8 @@ impl PgBroker {
         for env in envelopes {
             rows.push(env)?;
         }
-        rows.bind(&self.sql.publish, self.store.channel())
+        rows.bind_to(sqlx::query(&self.sql.publish))
+            .bind(self.store.channel())
             .execute(self.store.pool())
             .await
             .map_err(db_err)?;
@@ -377,6 +419,72 @@ impl Broker for PgBroker {
                 .execute(self.store.pool())
                 .await
                 .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// With a [`PgBackend`] on the same store: one statement (one transaction, one WAL
+    /// flush) upserts the records (fenced as in [`ResultBackend::set`], with the NOTIFY for
+    /// waiters) and deletes the leased rows whose token still matches. Otherwise the default
+    /// (set, then ack).
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.ack(receipts).await;
+            };
+            let rows = StatusRows::new(statuses)?;
+            let mut acks: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
+            acks.sort_unstable();
+            let (ids, tokens): (Vec<i64>, Vec<i64>) = acks.into_iter().unzip();
+            rows.bind_to(sqlx::query(&self.sql.record_and_ack), pg.ttl(), self.store.channel())
+                .bind(ids)
+                .bind(tokens)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+            pg.maybe_sweep();
+            Ok(())
+        })
+    }
+
+    /// With a [`PgBackend`] on the same store: one statement writes the records and inserts
+    /// the jobs (and sends the NOTIFY that wakes consumers), so a task becomes visible
+    /// together with its `queued` record. Otherwise the default (set, then publish).
+    fn publish_with_statuses<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.publish(envelopes).await;
+            };
+            let status_rows = StatusRows::new(statuses)?;
+            let mut job_rows = JobRows::default();
+            for env in &envelopes {
+                job_rows.push(env)?;
+            }
+            let query = status_rows.bind_to(
+                sqlx::query(&self.sql.publish_with_statuses),
+                pg.ttl(),
+                self.store.channel(),
+            );
+            job_rows.bind_to(query).execute(self.store.pool()).await.map_err(db_err)?;
+            pg.maybe_sweep();
             Ok(())
         })
     }
@@ -535,7 +643,12 @@ impl Broker for PgBroker {
             for env in &envs {
                 job_rows.push(env)?;
             }
-            job_rows.bind(&self.sql.publish, self.store.channel()).execute(&mut *tx).await.map_err(db_err)?;
+            job_rows
+                .bind_to(sqlx::query(&self.sql.publish))
+                .bind(self.store.channel())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
             Ok(taken.len())
         })

@@ -1,8 +1,8 @@
 //! The LISTEN side: one connection per [`PgStore`](super::PgStore) listening on the
 //! namespace's channel and turning notifications into in-process wake-ups.
 //!
-//! Payloads: `j` (jobs became ready), `b` (a broadcast message), `s<uuid>` (a task reached a
-//! terminal state). After a lost connection the listener reconnects by itself and wakes
+//! Payloads: `j` (jobs became ready), `b` (a broadcast message), `S<uuid>,<uuid>,…` (tasks
+//! reached a terminal state; `s<uuid>`, one task, is read too). After a lost connection the listener reconnects by itself and wakes
 //! every waiter, since notifications may have been missed in between.
 
 use std::sync::Arc;
@@ -99,10 +99,13 @@ fn dispatch(hub: &Hub, payload: &str) {
     match payload.as_bytes().first() {
         Some(b'j') => hub.jobs.notify_waiters(),
         Some(b'b') => hub.broadcast.notify_waiters(),
-        Some(b's') => {
+        Some(b's' | b'S') => {
             if hub.has_waiters() {
-                if let Ok(id) = payload[1..].parse::<TaskId>() {
-                    hub.task_done(id);
+                for id in payload[1..].split(',') {
+                    match id.parse::<TaskId>() {
+                        Ok(id) => hub.task_done(id),
+                        Err(_) => hub.wake_all(),
+                    }
                 }
             }
         }

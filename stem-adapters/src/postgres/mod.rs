@@ -96,6 +96,9 @@ pub struct PgStore {
 
 struct StoreInner {
     pool: PgPool,
+    /// The pool's connection settings as the pool shares them: the same `Arc` for every
+    /// clone of one pool, so it tells whether two stores run on the same pool.
+    pool_identity: Arc<PgConnectOptions>,
     namespace: String,
     /// `"schema"`, quoted for use in statements.
     schema: String,
@@ -133,9 +136,13 @@ impl PgStore {
         let connect_options: PgConnectOptions = driver_url
             .parse()
             .map_err(|e| stem::Error::Config(format!("invalid Postgres URL `{masked}`: {e}")))?;
+        // No ping before each checkout: it would cost every statement a second round trip. A
+        // connection that died meanwhile (server restart) fails its next statement instead;
+        // sqlx then discards it, and the caller's retry gets a fresh one.
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
+            .test_before_acquire(false)
             .acquire_timeout(options.connect_timeout.max(Duration::from_secs(10)))
             .connect_lazy_with(connect_options);
         let timeout = options.connect_timeout;
@@ -161,6 +168,7 @@ impl PgStore {
     ) -> Result<Self, stem::Error> {
         let store = PgStore {
             inner: Arc::new(StoreInner {
+                pool_identity: pool.connect_options(),
                 pool,
                 namespace: namespace.to_owned(),
                 schema: format!("\"{namespace}\""),
@@ -216,6 +224,14 @@ impl PgStore {
         .await;
         conn.close_on_drop();
         result
+    }
+
+    /// Whether `other` writes to the same place: the same pool (one database) and the same
+    /// namespace. Then a broker and a backend on the two stores can share a transaction.
+    pub fn same_as(&self, other: &PgStore) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+            || (Arc::ptr_eq(&self.inner.pool_identity, &other.inner.pool_identity)
+                && self.inner.namespace == other.inner.namespace)
     }
 
     /// The pool.

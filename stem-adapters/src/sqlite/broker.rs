@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::Row;
+use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -12,7 +13,8 @@ use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
 use tokio::time::Instant;
 
-use super::{SqliteStore, db_err, now_ms};
+use super::backend::{status_rows, write_statuses};
+use super::{SqliteBackend, SqliteStore, db_err, now_ms};
 use crate::sql_shared::{dead_letter, millis};
 
 /// Broker on the `jobs` table of a SQLite database.
@@ -71,12 +73,15 @@ const DLQ_SELECT: &str = "SELECT id, payload FROM dead_letters WHERE queue = ?1 
 const DLQ_DELETE: &str = "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?1))";
 const DLQ_PURGE: &str = "DELETE FROM dead_letters WHERE queue = ?1";
 const PURGE: &str = "DELETE FROM jobs WHERE queue = ?1 AND state = 'ready'";
+/// Row and lease totals come from the counter row the `jobs` triggers keep; expired leases
+/// and delayed rows are index range scans (one seek per priority for the delayed ones).
 const COUNTS: &str = "SELECT \
-       coalesce(sum((state = 'ready' AND run_at <= ?2) OR (state = 'leased' AND lease_until <= ?2)), 0), \
-       coalesce(sum(state = 'ready' AND run_at > ?2), 0), \
-       coalesce(sum(state = 'leased' AND lease_until > ?2), 0), \
-       (SELECT count(*) FROM dead_letters WHERE queue = ?1) \
-     FROM jobs WHERE queue = ?1";
+       coalesce((SELECT jobs FROM queue_counts WHERE queue = ?1), 0), \
+       coalesce((SELECT leased FROM queue_counts WHERE queue = ?1), 0), \
+       (SELECT count(*) FROM jobs WHERE state = 'leased' AND lease_until <= ?2 AND queue = ?1), \
+       (SELECT count(*) FROM jobs WHERE state = 'ready' AND queue = ?1 \
+          AND priority IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) AND run_at > ?2), \
+       (SELECT count(*) FROM dead_letters WHERE queue = ?1)";
 const SUBSCRIBE: &str =
     "INSERT INTO broadcast_subscriptions (channel, subscriber) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
 const UNSUBSCRIBE: &str = "DELETE FROM broadcast_subscriptions WHERE channel = ?1 AND subscriber = ?2";
@@ -216,6 +221,12 @@ impl SqliteBroker {
     fn wake(&self) {
         self.store.hub().jobs.notify_waiters();
     }
+
+    /// `backend` when it is a [`SqliteBackend`] on this broker's database.
+    fn same_store<'b>(&self, backend: &'b dyn ResultBackend) -> Option<&'b SqliteBackend> {
+        let sq = backend.as_any()?.downcast_ref::<SqliteBackend>()?;
+        sq.store().same_as(&self.store).then_some(sq)
+    }
 }
 
 impl Broker for SqliteBroker {
@@ -276,6 +287,63 @@ impl Broker for SqliteBroker {
             }
             let json = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
             sqlx::query(ACK).bind(json).execute(self.store.writer()).await.map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// With a [`SqliteBackend`] on the same database: the records and the acks are written
+    /// in one transaction (one commit). Otherwise the default (set, then ack).
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.ack(receipts).await;
+            };
+            let Some(rows) = status_rows(statuses)? else { return self.ack(receipts).await };
+            let pairs: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
+            let acks = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let written = write_statuses(&mut tx, rows, sq.ttl()).await?;
+            sqlx::query(ACK).bind(acks).execute(&mut *tx).await.map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            sq.written(&written);
+            Ok(())
+        })
+    }
+
+    /// With a [`SqliteBackend`] on the same database: the records and the jobs are written
+    /// in one transaction, so a task becomes visible together with its `queued` record.
+    /// Otherwise the default (set, then publish).
+    fn publish_with_statuses<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.publish(envelopes).await;
+            };
+            let Some(rows) = status_rows(statuses)? else { return self.publish(envelopes).await };
+            let jobs = job_rows(&envelopes)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let written = write_statuses(&mut tx, rows, sq.ttl()).await?;
+            sqlx::query(PUBLISH).bind(jobs).bind(now_ms()).execute(&mut *tx).await.map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            sq.written(&written);
+            self.wake();
             Ok(())
         })
     }
@@ -456,7 +524,7 @@ impl Broker for SqliteBroker {
 
     fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
         Box::pin(async move {
-            let (pending, delayed, in_flight, dead): (i64, i64, i64, i64) = sqlx::query_as(COUNTS)
+            let (total, leased, expired, delayed, dead): (i64, i64, i64, i64, i64) = sqlx::query_as(COUNTS)
                 .bind(queue)
                 .bind(now_ms())
                 .fetch_one(self.store.reader())
@@ -464,9 +532,9 @@ impl Broker for SqliteBroker {
                 .map_err(db_err)?;
             let n = |x: i64| u64::try_from(x).unwrap_or(0);
             Ok(QueueCounts {
-                pending: n(pending),
+                pending: n(total - leased - delayed + expired),
                 delayed: n(delayed),
-                in_flight: n(in_flight),
+                in_flight: n(leased - expired),
                 dead: n(dead),
             })
         })

@@ -150,6 +150,33 @@ pub trait Broker: Send + Sync + 'static {
         })
     }
 
+    /// The producer's path: store `statuses` in `backend` (the `queued` records), then
+    /// [`Broker::publish`] `envelopes`.
+    ///
+    /// The default calls [`ResultBackend::set`], then [`Broker::publish`], so a worker can
+    /// never see a task before its `queued` record exists (and overwrite its outcome with
+    /// it). An adapter whose broker and backend live in the same store (see
+    /// [`ResultBackend::as_any`]) overrides it to write both in one transaction, which keeps
+    /// that rule (the task becomes visible together with its record). On error nothing may be
+    /// assumed: the records may be stored without the envelopes, never the envelopes without
+    /// the records.
+    fn publish_with_statuses<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if !statuses.is_empty() {
+                backend.set(statuses).await?;
+            }
+            if !envelopes.is_empty() {
+                self.publish(envelopes).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Give a delivery back: `requeue` makes it ready again at once, otherwise it is dropped.
     /// Returns `false` when the lease was already lost.
     fn nack(&self, receipt: Receipt, requeue: bool) -> BoxFuture<'_, Result<bool>>;
