@@ -178,11 +178,15 @@ async fn counts_follow_every_kind_of_write(h: &impl Harness) {
 
     let last = long.pop().unwrap();
     b.record_and_ack(&*k, vec![done(&last)], vec![last.receipt]).await.unwrap();
-    let dropped = consume_n(&*b, "q", 1, Duration::from_secs(30)).await.remove(0);
-    assert!(b.nack(dropped.receipt, false).await.unwrap());
-    assert_eq!(b.counts("q").await.unwrap(), counts(2, 1, 0, 1), "{}: acked and dropped", h.name());
-    assert_eq!(b.purge("q").await.unwrap(), 3);
-    assert_eq!(b.counts("q").await.unwrap(), counts(0, 0, 0, 1), "{}: purged", h.name());
+    assert_eq!(b.counts("q").await.unwrap(), counts(3, 1, 0, 1), "{}: acked", h.name());
+    // The two ready rows and the expired lease.
+    let mut rest = consume_n(&*b, "q", 3, Duration::from_secs(30)).await;
+    assert_eq!(b.counts("q").await.unwrap(), counts(0, 1, 3, 1), "{}: all due leased", h.name());
+    assert!(b.nack(rest.pop().unwrap().receipt, false).await.unwrap());
+    assert!(b.nack(rest.pop().unwrap().receipt, true).await.unwrap());
+    assert_eq!(b.counts("q").await.unwrap(), counts(1, 1, 1, 1), "{}: dropped, requeued", h.name());
+    assert_eq!(b.purge("q").await.unwrap(), 2);
+    assert_eq!(b.counts("q").await.unwrap(), counts(0, 0, 1, 1), "{}: purged", h.name());
 }
 
 macro_rules! combined_tests {

@@ -1,10 +1,12 @@
--- Row counts per queue (all rows, leased rows), kept by statement triggers on `jobs`, so
--- `counts` reads a few counter rows plus the delayed rows and expired leases instead of
--- scanning the whole queue. Each transaction adds its deltas to one of 64 shard rows per
--- queue (its transaction id modulo 64): concurrent writers have nearby transaction ids, so
--- they practically never wait for each other's row lock. The functions name the schema
--- explicitly (filled in from the migration's search path), whatever the caller's search
--- path.
+-- Row counts per queue (all rows, leased rows), so `counts` reads a few counter rows plus
+-- the delayed rows and expired leases instead of scanning the whole queue. Statement
+-- triggers count inserts and deletes; the adapter's UPDATE statements that change a row's
+-- state or queue (claim, requeue, retry) adjust the counters themselves, so the claim, the
+-- most frequent write, fires no trigger. Each transaction adds its deltas to one of 64
+-- shard rows per queue (its transaction id modulo 64): concurrent writers have nearby
+-- transaction ids, so they practically never wait for each other's row lock. The trigger
+-- functions name the schema explicitly (filled in from the migration's search path),
+-- whatever the caller's search path.
 CREATE TABLE queue_counts (
     queue  TEXT NOT NULL,
     shard  SMALLINT NOT NULL,
@@ -34,26 +36,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION %1$I.jobs_count_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO %1$I.queue_counts AS c (queue, shard, jobs, leased)
-    SELECT queue, (txid_current() %% 64)::int2, sum(j), sum(l)
-    FROM (SELECT queue, 1 AS j, (state = 'leased')::int AS l FROM new_rows
-          UNION ALL
-          SELECT queue, -1, -(state = 'leased')::int FROM old_rows) d
-    GROUP BY queue HAVING sum(j) <> 0 OR sum(l) <> 0 ORDER BY queue
-    ON CONFLICT (queue, shard) DO UPDATE SET jobs = c.jobs + EXCLUDED.jobs, leased = c.leased + EXCLUDED.leased;
-    RETURN NULL;
-END $$;
 $f$, current_schema());
 END $do$;
 
 LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
 CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_insert();
-CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_update();
 CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_delete();
 INSERT INTO queue_counts (queue, shard, jobs, leased)

@@ -1,6 +1,7 @@
 //! The Postgres broker: a `jobs` table claimed with `FOR UPDATE SKIP LOCKED`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,10 +18,15 @@ use super::backend::{NOTIFY_TERMINAL, StatusRows, upsert_sql};
 use super::{PgBackend, PgStore, db_err};
 use crate::sql_shared::{dead_letter, millis};
 
+/// While every claim comes back full (a backlog), expired leases are looked for this often.
+const RECLAIM_EVERY_MS: i64 = 500;
+
 /// Broker on a `jobs` table in the namespace's schema.
 ///
 /// Claims take a batch in one statement (`UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED
-/// LIMIT n) RETURNING …`), reclaiming expired leases in the same statement. Each delivery
+/// LIMIT n) RETURNING …`, which also adds the batch to the queue's `leased` counter). The
+/// same statement takes back expired leases whenever the queues run short and, under a
+/// backlog, at least every half second. Each delivery
 /// bumps the row's `token`, which is the receipt's lease number: ack, nack, retry,
 /// dead-letter and lease extension all require the token, so a stale worker touches
 /// nothing. Publishes and requeues send `NOTIFY`; an idle consumer sleeps on the listener,
@@ -30,6 +36,8 @@ use crate::sql_shared::{dead_letter, millis};
 pub struct PgBroker {
     store: PgStore,
     sql: Arc<Sql>,
+    /// Unix milliseconds from which the next claim also looks for expired leases.
+    reclaim_at: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for PgBroker {
@@ -47,6 +55,8 @@ pub(crate) struct Sql {
     record_and_ack: String,
     claim_one: String,
     claim_many: String,
+    reclaim_one: String,
+    reclaim_many: String,
     next_due: String,
     malformed: String,
     ack: String,
@@ -71,7 +81,36 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
+        // Newly leased rows are added to the queue's `leased` counter by the claim itself
+        // (the `jobs` triggers count inserts and deletes only, so a claim fires none).
+        let count_leased = |rows: &str| {
+            format!(
+                "cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT queue, (txid_current() % 64)::int2, 0, count(*) FROM {rows} \
+                   GROUP BY queue ORDER BY queue \
+                   ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased)"
+            )
+        };
+        let lease = format!(
+            "UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
+               deliveries = j.deliveries + 1, consumer = $4, \
+               lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond'"
+        );
+        let returning = "RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload";
+        // The usual claim: due rows only.
         let claim = |filter: &str, order: &str| {
+            format!(
+                "WITH due AS (SELECT id FROM {s}.jobs \
+                   WHERE state = 'ready' AND {filter} AND run_at <= now() \
+                   ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 upd AS ({lease} FROM due WHERE j.id = due.id {returning}), \
+                 {cnt} \
+                 SELECT * FROM upd",
+                cnt = count_leased("upd"),
+            )
+        };
+        // The claim that also takes back expired leases (still leased: not counted again).
+        let reclaim = |filter: &str, order: &str| {
             format!(
                 "WITH expired AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
                    WHERE state = 'leased' AND lease_until <= now() AND {filter} \
@@ -79,13 +118,13 @@ impl Sql {
                  due AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
                    WHERE state = 'ready' AND {filter} AND run_at <= now() \
                    ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
-                 pick AS (SELECT id FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) c \
-                   ORDER BY {order} LIMIT $2) \
-                 UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
-                   deliveries = j.deliveries + 1, consumer = $4, \
-                   lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond' \
-                 FROM pick WHERE j.id = pick.id \
-                 RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload"
+                 pick AS (SELECT id, fresh FROM \
+                   (SELECT *, false AS fresh FROM expired UNION ALL SELECT *, true FROM due) c \
+                   ORDER BY {order} LIMIT $2), \
+                 upd AS ({lease} FROM pick WHERE j.id = pick.id {returning}, pick.fresh), \
+                 {cnt} \
+                 SELECT id, token, deliveries, priority, run_at, queue, payload FROM upd",
+                cnt = count_leased("upd WHERE fresh"),
             )
         };
         Sql {
@@ -117,6 +156,8 @@ impl Sql {
             ),
             claim_one: claim("queue = $1[1]", "priority DESC, run_at, id"),
             claim_many: claim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
+            reclaim_one: reclaim("queue = $1[1]", "priority DESC, run_at, id"),
+            reclaim_many: reclaim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
             next_due: format!(
                 "SELECT (EXTRACT(EPOCH FROM (least( \
                    (SELECT min(r) FROM unnest($1::text[]) q, generate_series(0, 9) p, \
@@ -136,15 +177,27 @@ impl Sql {
             ),
             nack_requeue: format!(
                 "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL \
-                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING queue), \
+                 cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT queue, (txid_current() % 64)::int2, 0, -1 FROM u \
+                   ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased) \
                  SELECT count(*) FROM u, LATERAL (SELECT pg_notify($3, 'j')) n"
             ),
             nack_drop: format!("DELETE FROM {s}.jobs WHERE id = $1 AND token = $2 AND state = 'leased'"),
+            // The row may move to another queue: both queues' counters follow.
             retry: format!(
-                "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL, \
+                "WITH old AS (SELECT queue FROM {s}.jobs \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' FOR UPDATE), \
+                 u AS (UPDATE {s}.jobs j SET state = 'ready', lease_until = NULL, consumer = NULL, \
                    deliveries = 0, queue = $3, priority = $4, run_at = coalesce($5, now()), \
                    lease_ms = $6, payload = $7 \
-                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                   FROM old WHERE j.id = $1 RETURNING old.queue AS was, j.queue AS dest), \
+                 cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT q, (txid_current() % 64)::int2, sum(dj), sum(dl) \
+                   FROM (SELECT was AS q, -1 AS dj, -1 AS dl FROM u UNION ALL SELECT dest, 1, 0 FROM u) x \
+                   GROUP BY q ORDER BY q \
+                   ON CONFLICT (queue, shard) DO UPDATE \
+                   SET jobs = c.jobs + EXCLUDED.jobs, leased = c.leased + EXCLUDED.leased) \
                  SELECT count(*) FROM u, LATERAL (SELECT pg_notify($8, 'j')) n"
             ),
             extend: format!(
@@ -258,7 +311,7 @@ impl PgBroker {
     /// A broker on `store`'s namespace.
     pub fn new(store: PgStore) -> Self {
         let sql = store.broker_sql();
-        PgBroker { store, sql }
+        PgBroker { store, sql, reclaim_at: Arc::new(AtomicI64::new(0)) }
     }
 
     /// The store this broker runs on.
@@ -276,7 +329,16 @@ impl PgBroker {
     /// One claim round: lease up to `req.max` due rows.
     async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
         let pool = self.store.pool();
-        let sql = if req.queues.len() == 1 { &self.sql.claim_one } else { &self.sql.claim_many };
+        // Expired leases are looked for at least every RECLAIM_EVERY, and on every claim while
+        // the queues run short (so an idle consumer takes a lapsed lease back at its deadline).
+        let now = Utc::now().timestamp_millis();
+        let reclaim = self.reclaim_at.load(Ordering::Relaxed) <= now;
+        let sql = match (reclaim, req.queues.len() == 1) {
+            (true, true) => &self.sql.reclaim_one,
+            (true, false) => &self.sql.reclaim_many,
+            (false, true) => &self.sql.claim_one,
+            (false, false) => &self.sql.claim_many,
+        };
         let rows = sqlx::query(sql)
             .bind(&req.queues)
             .bind(i64::try_from(req.max).unwrap_or(i64::MAX))
@@ -285,6 +347,14 @@ impl PgBroker {
             .fetch_all(pool)
             .await
             .map_err(db_err)?;
+        let next = if rows.len() < req.max {
+            0
+        } else if reclaim {
+            now + RECLAIM_EVERY_MS
+        } else {
+            self.reclaim_at.load(Ordering::Relaxed)
+        };
+        self.reclaim_at.store(next, Ordering::Relaxed);
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let id: i64 = row.try_get(0).map_err(db_err)?;

@@ -17,7 +17,9 @@ use crate::sql_shared::{decode_status, encode_status, fold_statuses, millis};
 
 const SWEEP_EVERY_MS: i64 = 30_000;
 
-const SET: &str = "INSERT INTO statuses (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
+/// The fenced batch upsert of status records (`?1` the JSON rows of [`status_rows`], `?2` now,
+/// `?3` the TTL); returns the written ids and whether each is terminal.
+pub(crate) const SET: &str = "INSERT INTO statuses (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, ?2, ?2 + ?3 \
      FROM json_each(?1) WHERE true \
      ON CONFLICT (id) DO UPDATE SET task = excluded.task, state = excluded.state, attempt = excluded.attempt, \
@@ -167,7 +169,7 @@ pub(crate) fn status_rows(statuses: Vec<TaskStatus>) -> Result<Option<String>> {
 
 /// Run the fenced upsert of `rows` (from [`status_rows`]) on `conn` (the writer, possibly
 /// inside a transaction); returns the written ids and whether each is terminal.
-pub(crate) async fn write_statuses(
+async fn write_statuses(
     conn: &mut sqlx::SqliteConnection,
     rows: String,
     ttl: Duration,

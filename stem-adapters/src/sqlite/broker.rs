@@ -1,6 +1,6 @@
 //! The SQLite broker: the same `jobs` model as Postgres, written through the single writer.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -13,7 +13,7 @@ use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
 use tokio::time::Instant;
 
-use super::backend::{status_rows, write_statuses};
+use super::backend::{SET, status_rows};
 use super::{SqliteBackend, SqliteStore, db_err, now_ms};
 use crate::sql_shared::{dead_letter, millis};
 
@@ -46,6 +46,26 @@ const CLAIM_MANY: &str = "UPDATE jobs SET state = 'leased', token = token + 1, d
        AND queue IN (SELECT value FROM json_each(?2)) AND run_at <= ?1 \
        ORDER BY priority DESC, (SELECT key FROM json_each(?2) WHERE value = jobs.queue), run_at, id LIMIT ?5) \
      RETURNING id, token, deliveries, priority, run_at, queue, payload";
+/// Expired leases back to ready, then the claim: one call to the connection's thread.
+static RECLAIM_CLAIM_ONE: LazyLock<String> = LazyLock::new(|| format!("{RECLAIM}; {CLAIM_ONE}"));
+static RECLAIM_CLAIM_MANY: LazyLock<String> = LazyLock::new(|| format!("{RECLAIM}; {CLAIM_MANY}"));
+/// The records ([`SET`], `?1`–`?3`), then the lease-fenced acks (`?4`): one call inside the
+/// combined transaction.
+static SET_AND_ACK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{SET}; DELETE FROM jobs WHERE state = 'leased' \
+         AND (id, token) IN (SELECT value->>0, value->>1 FROM json_each(?4))"
+    )
+});
+/// The records ([`SET`], `?1`–`?3`, `?2` being now), then the jobs (`?4`): one call inside the
+/// combined transaction.
+static SET_AND_PUBLISH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{SET}; INSERT INTO jobs (queue, priority, run_at, lease_ms, task_id, payload, created_at) \
+         SELECT value->>0, value->>1, coalesce(value->>2, ?2), value->>3, value->>4, value->>5, ?2 \
+         FROM json_each(?4)"
+    )
+});
 const NEXT_DUE: &str = "SELECT min(x) FROM ( \
        SELECT min(run_at) AS x FROM jobs WHERE state = 'ready' AND queue IN (SELECT value FROM json_each(?1)) \
        UNION ALL SELECT min(lease_until) FROM jobs WHERE state = 'leased')";
@@ -136,13 +156,12 @@ impl SqliteBroker {
     async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
         let w = self.store.writer();
         let now = now_ms();
-        sqlx::query(RECLAIM).bind(now).execute(w).await.map_err(db_err)?;
         let queues = if req.queues.len() == 1 {
             req.queues[0].clone()
         } else {
             serde_json::to_string(&req.queues).map_err(stem::Error::broker)?
         };
-        let sql = if req.queues.len() == 1 { CLAIM_ONE } else { CLAIM_MANY };
+        let sql = if req.queues.len() == 1 { &*RECLAIM_CLAIM_ONE } else { &*RECLAIM_CLAIM_MANY };
         let rows = sqlx::query(sql)
             .bind(now)
             .bind(queues)
@@ -311,8 +330,14 @@ impl Broker for SqliteBroker {
             let pairs: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
             let acks = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
             let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-            let written = write_statuses(&mut tx, rows, sq.ttl()).await?;
-            sqlx::query(ACK).bind(acks).execute(&mut *tx).await.map_err(db_err)?;
+            let written: Vec<(String, bool)> = sqlx::query_as(&SET_AND_ACK)
+                .bind(rows)
+                .bind(now_ms())
+                .bind(millis(sq.ttl()))
+                .bind(acks)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
             sq.written(&written);
             Ok(())
@@ -339,8 +364,14 @@ impl Broker for SqliteBroker {
             let Some(rows) = status_rows(statuses)? else { return self.publish(envelopes).await };
             let jobs = job_rows(&envelopes)?;
             let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-            let written = write_statuses(&mut tx, rows, sq.ttl()).await?;
-            sqlx::query(PUBLISH).bind(jobs).bind(now_ms()).execute(&mut *tx).await.map_err(db_err)?;
+            let written: Vec<(String, bool)> = sqlx::query_as(&SET_AND_PUBLISH)
+                .bind(rows)
+                .bind(now_ms())
+                .bind(millis(sq.ttl()))
+                .bind(jobs)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
             sq.written(&written);
             self.wake();
