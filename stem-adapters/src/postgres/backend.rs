@@ -254,11 +254,12 @@ impl PgBackend {
     }
 
     async fn read(&self, id: TaskId) -> Result<Option<TaskStatus>> {
+        let mut conn = self.store.hot().await.map_err(backend_err)?;
         let row = sqlx::query_as::<_, (String, Option<String>)>(&self.sql.get)
             .bind(id.0)
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(backend_err)?;
+            .fetch_optional(conn.conn())
+            .await;
+        let row = conn.finish(row).map_err(backend_err)?;
         row.map(|(r, p)| decode_status(&r, p.as_deref())).transpose()
     }
 }
@@ -282,10 +283,12 @@ impl ResultBackend for PgBackend {
             if rows.is_empty() {
                 return Ok(());
             }
-            rows.bind_to(sqlx::query(&self.sql.set), self.ttl, self.store.channel())
-                .execute(self.store.pool())
-                .await
-                .map_err(backend_err)?;
+            let mut conn = self.store.hot().await.map_err(backend_err)?;
+            let done = rows
+                .bind_to(sqlx::query(&self.sql.set), self.ttl, self.store.channel())
+                .execute(conn.conn())
+                .await;
+            conn.finish(done).map_err(backend_err)?;
             self.maybe_sweep();
             Ok(())
         })

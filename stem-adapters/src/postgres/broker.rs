@@ -339,14 +339,15 @@ impl PgBroker {
             (false, true) => &self.sql.claim_one,
             (false, false) => &self.sql.claim_many,
         };
+        let mut conn = self.store.hot().await.map_err(db_err)?;
         let rows = sqlx::query(sql)
             .bind(&req.queues)
             .bind(i64::try_from(req.max).unwrap_or(i64::MAX))
             .bind(millis(req.lease))
             .bind(&req.consumer)
-            .fetch_all(pool)
-            .await
-            .map_err(db_err)?;
+            .fetch_all(conn.conn())
+            .await;
+        let rows = conn.finish(rows).map_err(db_err)?;
         let next = if rows.len() < req.max {
             0
         } else if reclaim {
@@ -411,11 +412,12 @@ impl PgBroker {
 
     /// Milliseconds until the next delayed row is due or lease expires, if any.
     async fn next_due(&self, queues: &[String]) -> Result<Option<f64>> {
-        sqlx::query_scalar::<_, Option<f64>>(&self.sql.next_due)
+        let mut conn = self.store.hot().await.map_err(db_err)?;
+        let due = sqlx::query_scalar::<_, Option<f64>>(&self.sql.next_due)
             .bind(queues)
-            .fetch_one(self.store.pool())
-            .await
-            .map_err(db_err)
+            .fetch_one(conn.conn())
+            .await;
+        conn.finish(due).map_err(db_err)
     }
 
     async fn insert(&self, envelopes: &[Envelope]) -> Result<()> {
@@ -423,11 +425,13 @@ impl PgBroker {
         for env in envelopes {
             rows.push(env)?;
         }
-        rows.bind_to(sqlx::query(&self.sql.publish))
+        let mut conn = self.store.hot().await.map_err(db_err)?;
+        let done = rows
+            .bind_to(sqlx::query(&self.sql.publish))
             .bind(self.store.channel())
-            .execute(self.store.pool())
-            .await
-            .map_err(db_err)?;
+            .execute(conn.conn())
+            .await;
+        conn.finish(done).map_err(db_err)?;
         Ok(())
     }
 }
@@ -483,12 +487,9 @@ impl Broker for PgBroker {
             if ids.is_empty() {
                 return Ok(());
             }
-            sqlx::query(&self.sql.ack)
-                .bind(ids)
-                .bind(tokens)
-                .execute(self.store.pool())
-                .await
-                .map_err(db_err)?;
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = sqlx::query(&self.sql.ack).bind(ids).bind(tokens).execute(conn.conn()).await;
+            conn.finish(done).map_err(db_err)?;
             Ok(())
         })
     }
@@ -515,12 +516,14 @@ impl Broker for PgBroker {
             let mut acks: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
             acks.sort_unstable();
             let (ids, tokens): (Vec<i64>, Vec<i64>) = acks.into_iter().unzip();
-            rows.bind_to(sqlx::query(&self.sql.record_and_ack), pg.ttl(), self.store.channel())
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = rows
+                .bind_to(sqlx::query(&self.sql.record_and_ack), pg.ttl(), self.store.channel())
                 .bind(ids)
                 .bind(tokens)
-                .execute(self.store.pool())
-                .await
-                .map_err(db_err)?;
+                .execute(conn.conn())
+                .await;
+            conn.finish(done).map_err(db_err)?;
             pg.maybe_sweep();
             Ok(())
         })
@@ -553,7 +556,9 @@ impl Broker for PgBroker {
                 pg.ttl(),
                 self.store.channel(),
             );
-            job_rows.bind_to(query).execute(self.store.pool()).await.map_err(db_err)?;
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = job_rows.bind_to(query).execute(conn.conn()).await;
+            conn.finish(done).map_err(db_err)?;
             pg.maybe_sweep();
             Ok(())
         })
@@ -745,12 +750,14 @@ impl Broker for PgBroker {
 
     fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
         Box::pin(async move {
-            let (pending, delayed, in_flight, dead) =
-                sqlx::query_as::<_, (i64, i64, i64, i64)>(&self.sql.counts)
+            let (pending, delayed, in_flight, dead) = {
+                let mut conn = self.store.hot().await.map_err(db_err)?;
+                let row = sqlx::query_as::<_, (i64, i64, i64, i64)>(&self.sql.counts)
                     .bind(queue)
-                    .fetch_one(self.store.pool())
-                    .await
-                    .map_err(db_err)?;
+                    .fetch_one(conn.conn())
+                    .await;
+                conn.finish(row).map_err(db_err)?
+            };
             let n = |x: i64| u64::try_from(x).unwrap_or(0);
             Ok(QueueCounts {
                 pending: n(pending),
