@@ -70,7 +70,7 @@ pub(crate) fn upsert_sql(s: &str) -> String {
     format!(
         "INSERT INTO {s}.statuses AS t \
            (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
-           SELECT i, k, st, a, te, r::jsonb, p::jsonb, now(), now() + $8 * interval '1 millisecond' \
+           SELECT i, k, st, a, te, r::json, p::jsonb, now(), now() + $8 * interval '1 millisecond' \
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[]) \
              AS u(i, k, st, a, te, r, p) \
            ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, state = EXCLUDED.state, \
@@ -100,7 +100,7 @@ impl Sql {
             ),
             progress: format!(
                 "UPDATE {s}.statuses SET progress = $2::jsonb, updated_at = now(), \
-                   record = jsonb_set(record, '{{updated_at}}', $3::jsonb), \
+                   record = jsonb_set(record::jsonb, '{{updated_at}}', $3::jsonb)::json, \
                    expires_at = now() + $4 * interval '1 millisecond' \
                  WHERE id = $1 AND expires_at > now()"
             ),
