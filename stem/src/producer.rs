@@ -287,8 +287,8 @@ impl Stem {
 
     /// Record envelopes as queued, then publish them in one batch.
     ///
-    /// The queued record is written first so a fast worker's outcome can never be overwritten
-    /// by it.
+    /// The queued record is written first (or in the same transaction, on adapters that can)
+    /// so a fast worker's outcome can never be overwritten by it.
     pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
         for env in &envelopes {
             self.check_size(env)?;

@@ -27,8 +27,8 @@ const WAIT_RECHECK: Duration = Duration::from_secs(5);
 /// `set` writes a whole batch in one statement: an `INSERT … ON CONFLICT DO UPDATE … WHERE`
 /// that applies [`TaskStatus::may_replace`] in SQL (a newer attempt, or the same attempt
 /// unless a terminal record would be replaced by a non-terminal one) and keeps earlier
-/// progress; the same statement sends `NOTIFY` for terminal records, which is what
-/// [`ResultBackend::wait`] sleeps on (it re-reads after subscribing, so a completion between
+/// progress; the same statement sends `NOTIFY` for terminal records (their ids, up to 200 in
+/// one notification), which is what [`ResultBackend::wait`] sleeps on (it re-reads after subscribing, so a completion between
 /// the two is not missed, and re-checks every few seconds as a safety net). Rows past
 /// `expires_at` are invisible and deleted in the background every half minute.
 #[derive(Clone)]
@@ -62,32 +62,46 @@ pub(crate) struct Sql {
     sweep: Vec<String>,
 }
 
+/// The fenced batch upsert of status records, for a `WITH up AS (…)` clause: the records'
+/// columns are the arrays `$1`–`$7` (see [`StatusRows::bind_to`]), the TTL in milliseconds is
+/// `$8`. [`TaskStatus::may_replace`] in SQL: an expired record, a newer attempt, or the same
+/// attempt unless a terminal record would be replaced by a non-terminal one; earlier
+/// progress is kept. Returns the written ids and whether each is terminal.
+pub(crate) fn upsert_sql(s: &str) -> String {
+    format!(
+        "INSERT INTO {s}.statuses AS t \
+           (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
+           SELECT i, k, st, a, te, r::json, p::jsonb, now(), now() + $8 * interval '1 millisecond' \
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[]) \
+             AS u(i, k, st, a, te, r, p) \
+           ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, state = EXCLUDED.state, \
+             attempt = EXCLUDED.attempt, terminal = EXCLUDED.terminal, record = EXCLUDED.record, \
+             progress = CASE WHEN t.expires_at <= now() THEN EXCLUDED.progress \
+               ELSE coalesce(EXCLUDED.progress, t.progress) END, \
+             updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at \
+           WHERE t.expires_at <= now() OR EXCLUDED.attempt > t.attempt \
+             OR (EXCLUDED.attempt = t.attempt AND (NOT t.terminal OR EXCLUDED.terminal)) \
+           RETURNING t.id, t.terminal"
+    )
+}
+
+/// Notifications for the terminal records written by a `WITH up AS (…)` upsert, on the
+/// channel `$9`: `S<id>,<id>,…` with up to 200 ids each (37 bytes an id, well under the
+/// 8000-byte payload limit), so a batch of 512 outcomes costs three notifications, not 512.
+/// One row per notification.
+pub(crate) const NOTIFY_TERMINAL: &str = "SELECT pg_notify($9, 'S' || string_agg(id::text, ',')) \
+     FROM (SELECT id, (row_number() OVER ()) / 200 AS g FROM up WHERE terminal) x GROUP BY g";
+
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
         Sql {
-            set: format!(
-                "WITH up AS (INSERT INTO {s}.statuses AS t \
-                   (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
-                   SELECT i, k, st, a, te, r::jsonb, p::jsonb, now(), now() + $8 * interval '1 millisecond' \
-                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[]) \
-                     AS u(i, k, st, a, te, r, p) \
-                   ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, state = EXCLUDED.state, \
-                     attempt = EXCLUDED.attempt, terminal = EXCLUDED.terminal, record = EXCLUDED.record, \
-                     progress = CASE WHEN t.expires_at <= now() THEN EXCLUDED.progress \
-                       ELSE coalesce(EXCLUDED.progress, t.progress) END, \
-                     updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at \
-                   WHERE t.expires_at <= now() OR EXCLUDED.attempt > t.attempt \
-                     OR (EXCLUDED.attempt = t.attempt AND (NOT t.terminal OR EXCLUDED.terminal)) \
-                   RETURNING t.id, t.terminal) \
-                 SELECT count(*) FROM (SELECT id FROM up WHERE terminal) d, \
-                   LATERAL (SELECT pg_notify($9, 's' || d.id::text)) n"
-            ),
+            set: format!("WITH up AS ({}) SELECT count(*) FROM ({}) n", upsert_sql(s), NOTIFY_TERMINAL),
             get: format!(
                 "SELECT record::text, progress::text FROM {s}.statuses WHERE id = $1 AND expires_at > now()"
             ),
             progress: format!(
                 "UPDATE {s}.statuses SET progress = $2::jsonb, updated_at = now(), \
-                   record = jsonb_set(record, '{{updated_at}}', $3::jsonb), \
+                   record = jsonb_set(record::jsonb, '{{updated_at}}', $3::jsonb)::json, \
                    expires_at = now() + $4 * interval '1 millisecond' \
                  WHERE id = $1 AND expires_at > now()"
             ),
@@ -164,7 +178,9 @@ pub(crate) struct StatusRows {
 
 impl StatusRows {
     pub(crate) fn new(statuses: Vec<TaskStatus>) -> Result<Self> {
-        let statuses = fold_statuses(statuses);
+        let mut statuses = fold_statuses(statuses);
+        // One lock order for every writer: two batches sharing ids never deadlock.
+        statuses.sort_unstable_by_key(|s| s.id.0);
         let mut rows = StatusRows::default();
         for s in &statuses {
             rows.ids.push(s.id.0);
@@ -185,13 +201,15 @@ impl StatusRows {
         self.ids.is_empty()
     }
 
-    pub(crate) fn bind<'q>(
+    /// Bind the records as `$1`–`$7`, then the TTL as `$8` and the NOTIFY channel as `$9`
+    /// (what [`upsert_sql`] and [`NOTIFY_TERMINAL`] read).
+    pub(crate) fn bind_to<'q>(
         self,
-        sql: &'q str,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
         ttl: Duration,
         channel: &str,
-    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments> {
-        sqlx::query_scalar(sql)
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
             .bind(self.ids)
             .bind(self.tasks)
             .bind(self.states)
@@ -237,7 +255,9 @@ impl PgBackend {
         sweep(&self.store, &self.sql).await
     }
 
-    fn maybe_sweep(&self) {
+    /// Start a background sweep when the last one is half a minute old (called after
+    /// writes, also by the broker's combined writes).
+    pub(crate) fn maybe_sweep(&self) {
         let now = chrono::Utc::now().timestamp();
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now - last < SWEEP_EVERY_SECS
@@ -254,11 +274,12 @@ impl PgBackend {
     }
 
     async fn read(&self, id: TaskId) -> Result<Option<TaskStatus>> {
+        let mut conn = self.store.hot().await.map_err(backend_err)?;
         let row = sqlx::query_as::<_, (String, Option<String>)>(&self.sql.get)
             .bind(id.0)
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(backend_err)?;
+            .fetch_optional(conn.conn())
+            .await;
+        let row = conn.finish(row).map_err(backend_err)?;
         row.map(|(r, p)| decode_status(&r, p.as_deref())).transpose()
     }
 }
@@ -285,10 +306,12 @@ impl ResultBackend for PgBackend {
             if rows.is_empty() {
                 return Ok(());
             }
-            rows.bind(&self.sql.set, self.ttl, self.store.channel())
-                .fetch_one(self.store.pool())
-                .await
-                .map_err(backend_err)?;
+            let mut conn = self.store.hot().await.map_err(backend_err)?;
+            let done = rows
+                .bind_to(sqlx::query(&self.sql.set), self.ttl, self.store.channel())
+                .execute(conn.conn())
+                .await;
+            conn.finish(done).map_err(backend_err)?;
             self.maybe_sweep();
             Ok(())
         })
@@ -455,6 +478,10 @@ impl ResultBackend for PgBackend {
                 .map_err(backend_err)?;
             Ok(())
         })
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn workers(&self) -> BoxFuture<'_, Result<Vec<WorkerHeartbeat>>> {

@@ -1,10 +1,12 @@
 //! The Postgres broker: a `jobs` table claimed with `FOR UPDATE SKIP LOCKED`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
+use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -12,13 +14,19 @@ use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
 use tokio::time::Instant;
 
-use super::{PgStore, db_err};
+use super::backend::{NOTIFY_TERMINAL, StatusRows, upsert_sql};
+use super::{PgBackend, PgStore, db_err};
 use crate::sql_shared::{dead_letter, millis};
+
+/// While every claim comes back full (a backlog), expired leases are looked for this often.
+const RECLAIM_EVERY_MS: i64 = 500;
 
 /// Broker on a `jobs` table in the namespace's schema.
 ///
 /// Claims take a batch in one statement (`UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED
-/// LIMIT n) RETURNING …`), reclaiming expired leases in the same statement. Each delivery
+/// LIMIT n) RETURNING …`, which also adds the batch to the queue's `leased` counter). The
+/// same statement takes back expired leases whenever the queues run short and, under a
+/// backlog, at least every half second. Each delivery
 /// bumps the row's `token`, which is the receipt's lease number: ack, nack, retry,
 /// dead-letter and lease extension all require the token, so a stale worker touches
 /// nothing. Publishes and requeues send `NOTIFY`; an idle consumer sleeps on the listener,
@@ -28,6 +36,8 @@ use crate::sql_shared::{dead_letter, millis};
 pub struct PgBroker {
     store: PgStore,
     sql: Arc<Sql>,
+    /// Unix milliseconds from which the next claim also looks for expired leases.
+    reclaim_at: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for PgBroker {
@@ -39,8 +49,14 @@ impl std::fmt::Debug for PgBroker {
 /// Statements, with the schema filled in.
 pub(crate) struct Sql {
     pub(crate) publish: String,
+    /// Status upsert + job inserts in one statement (the producer's path).
+    pub(crate) record_and_publish: String,
+    /// Status upsert + lease-fenced delete in one statement (the worker's path).
+    record_and_ack: String,
     claim_one: String,
     claim_many: String,
+    reclaim_one: String,
+    reclaim_many: String,
     next_due: String,
     malformed: String,
     release: String,
@@ -66,7 +82,36 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
+        // Newly leased rows are added to the queue's `leased` counter by the claim itself
+        // (the `jobs` triggers count inserts and deletes only, so a claim fires none).
+        let count_leased = |rows: &str| {
+            format!(
+                "cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT queue, (txid_current() % 64)::int2, 0, count(*) FROM {rows} \
+                   GROUP BY queue ORDER BY queue \
+                   ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased)"
+            )
+        };
+        let lease = format!(
+            "UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
+               deliveries = j.deliveries + 1, consumer = $4, \
+               lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond'"
+        );
+        let returning = "RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload";
+        // The usual claim: due rows only.
         let claim = |filter: &str, order: &str| {
+            format!(
+                "WITH due AS (SELECT id FROM {s}.jobs \
+                   WHERE state = 'ready' AND {filter} AND run_at <= now() \
+                   ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 upd AS ({lease} FROM due WHERE j.id = due.id {returning}), \
+                 {cnt} \
+                 SELECT * FROM upd",
+                cnt = count_leased("upd"),
+            )
+        };
+        // The claim that also takes back expired leases (still leased: not counted again).
+        let reclaim = |filter: &str, order: &str| {
             format!(
                 "WITH expired AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
                    WHERE state = 'leased' AND lease_until <= now() AND {filter} \
@@ -74,13 +119,13 @@ impl Sql {
                  due AS (SELECT id, priority, run_at, queue FROM {s}.jobs \
                    WHERE state = 'ready' AND {filter} AND run_at <= now() \
                    ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
-                 pick AS (SELECT id FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) c \
-                   ORDER BY {order} LIMIT $2) \
-                 UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
-                   deliveries = j.deliveries + 1, consumer = $4, \
-                   lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond' \
-                 FROM pick WHERE j.id = pick.id \
-                 RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload"
+                 pick AS (SELECT id, fresh FROM \
+                   (SELECT *, false AS fresh FROM expired UNION ALL SELECT *, true FROM due) c \
+                   ORDER BY {order} LIMIT $2), \
+                 upd AS ({lease} FROM pick WHERE j.id = pick.id {returning}, pick.fresh), \
+                 {cnt} \
+                 SELECT id, token, deliveries, priority, run_at, queue, payload FROM upd",
+                cnt = count_leased("upd WHERE fresh"),
             )
         };
         Sql {
@@ -91,12 +136,35 @@ impl Sql {
                      AS u(q, p, r, l, t, pl) RETURNING 1) \
                  SELECT count(*) FROM (SELECT 1 FROM ins LIMIT 1) x, LATERAL (SELECT pg_notify($7, 'j')) n"
             ),
+            record_and_publish: format!(
+                "WITH up AS ({up}), \
+                 ins AS (INSERT INTO {s}.jobs (queue, priority, run_at, lease_ms, task_id, payload) \
+                   SELECT q, p, coalesce(r, now()), l, t, pl \
+                   FROM unnest($10::text[], $11::int2[], $12::timestamptz[], $13::int8[], $14::uuid[], $15::text[]) \
+                     AS u(q, p, r, l, t, pl) RETURNING 1) \
+                 SELECT (SELECT count(*) FROM ({notify}) n), \
+                   (SELECT count(pg_notify($9, 'j')) FROM (SELECT 1 FROM ins LIMIT 1) x)",
+                up = upsert_sql(s),
+                notify = NOTIFY_TERMINAL,
+            ),
+            record_and_ack: format!(
+                "WITH up AS ({up}), \
+                 done AS (DELETE FROM {s}.jobs j USING unnest($10::int8[], $11::int8[]) AS a(id, token) \
+                   WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased' RETURNING 1) \
+                 SELECT (SELECT count(*) FROM ({notify}) n), (SELECT count(*) FROM done)",
+                up = upsert_sql(s),
+                notify = NOTIFY_TERMINAL,
+            ),
             claim_one: claim("queue = $1[1]", "priority DESC, run_at, id"),
             claim_many: claim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
+            reclaim_one: reclaim("queue = $1[1]", "priority DESC, run_at, id"),
+            reclaim_many: reclaim("queue = ANY($1)", "priority DESC, array_position($1, queue), run_at, id"),
             next_due: format!(
                 "SELECT (EXTRACT(EPOCH FROM (least( \
-                   (SELECT min(run_at) FROM {s}.jobs WHERE state = 'ready' AND queue = ANY($1)), \
-                   (SELECT min(lease_until) FROM {s}.jobs WHERE state = 'leased' AND queue = ANY($1)) \
+                   (SELECT min(r) FROM unnest($1::text[]) q, generate_series(0, 9) p, \
+                     LATERAL (SELECT run_at AS r FROM {s}.jobs WHERE state = 'ready' AND queue = q \
+                       AND priority = p::int2 ORDER BY run_at LIMIT 1) x), \
+                   (SELECT min(lease_until) FROM {s}.jobs WHERE lease_until IS NOT NULL AND queue = ANY($1)) \
                  ) - clock_timestamp())) * 1000)::float8"
             ),
             malformed: format!(
@@ -117,15 +185,27 @@ impl Sql {
             ),
             nack_requeue: format!(
                 "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL \
-                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING queue), \
+                 cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT queue, (txid_current() % 64)::int2, 0, -1 FROM u \
+                   ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased) \
                  SELECT count(*) FROM u, LATERAL (SELECT pg_notify($3, 'j')) n"
             ),
             nack_drop: format!("DELETE FROM {s}.jobs WHERE id = $1 AND token = $2 AND state = 'leased'"),
+            // The row may move to another queue: both queues' counters follow.
             retry: format!(
-                "WITH u AS (UPDATE {s}.jobs SET state = 'ready', lease_until = NULL, consumer = NULL, \
+                "WITH old AS (SELECT queue FROM {s}.jobs \
+                   WHERE id = $1 AND token = $2 AND state = 'leased' FOR UPDATE), \
+                 u AS (UPDATE {s}.jobs j SET state = 'ready', lease_until = NULL, consumer = NULL, \
                    deliveries = 0, queue = $3, priority = $4, run_at = coalesce($5, now()), \
                    lease_ms = $6, payload = $7 \
-                   WHERE id = $1 AND token = $2 AND state = 'leased' RETURNING 1) \
+                   FROM old WHERE j.id = $1 RETURNING old.queue AS was, j.queue AS dest), \
+                 cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT q, (txid_current() % 64)::int2, sum(dj), sum(dl) \
+                   FROM (SELECT was AS q, -1 AS dj, -1 AS dl FROM u UNION ALL SELECT dest, 1, 0 FROM u) x \
+                   GROUP BY q ORDER BY q \
+                   ON CONFLICT (queue, shard) DO UPDATE \
+                   SET jobs = c.jobs + EXCLUDED.jobs, leased = c.leased + EXCLUDED.leased) \
                  SELECT count(*) FROM u, LATERAL (SELECT pg_notify($8, 'j')) n"
             ),
             extend: format!(
@@ -152,14 +232,22 @@ impl Sql {
             dlq_delete: format!("DELETE FROM {s}.dead_letters WHERE id = ANY($1)"),
             dlq_purge: format!("DELETE FROM {s}.dead_letters WHERE queue = $1"),
             purge: format!("DELETE FROM {s}.jobs WHERE queue = $1 AND state = 'ready'"),
+            // Row and lease totals come from the counter rows the `jobs` triggers keep; only
+            // the time-dependent parts are read from `jobs`, by index range scans whose cost
+            // is those rows, not the queue: expired leases (the lease index) and delayed rows
+            // (ten short range scans of the ready index, one per priority; with the priority
+            // as a join key a generic plan cannot turn it into a filter over the whole queue).
             counts: format!(
-                "SELECT \
-                   count(*) FILTER (WHERE (state = 'ready' AND run_at <= now()) \
-                     OR (state = 'leased' AND lease_until <= now())), \
-                   count(*) FILTER (WHERE state = 'ready' AND run_at > now()), \
-                   count(*) FILTER (WHERE state = 'leased' AND lease_until > now()), \
+                "WITH c AS (SELECT coalesce(sum(jobs), 0)::int8 AS total, coalesce(sum(leased), 0)::int8 AS leased \
+                   FROM {s}.queue_counts WHERE queue = $1), \
+                 e AS (SELECT count(*) AS expired FROM {s}.jobs \
+                   WHERE state = 'leased' AND lease_until <= now() AND queue = $1), \
+                 d AS (SELECT coalesce(sum(n), 0)::int8 AS delayed FROM generate_series(0, 9) p, \
+                   LATERAL (SELECT count(*) AS n FROM {s}.jobs WHERE state = 'ready' AND queue = $1 \
+                     AND priority = p::int2 AND run_at > now()) x) \
+                 SELECT total - leased - delayed + expired, delayed, leased - expired, \
                    (SELECT count(*) FROM {s}.dead_letters WHERE queue = $1) \
-                 FROM {s}.jobs WHERE queue = $1"
+                 FROM c, e, d"
             ),
             subscribe: format!(
                 "INSERT INTO {s}.broadcast_subscriptions (channel, subscriber) VALUES ($1, $2) \
@@ -208,19 +296,18 @@ impl JobRows {
         Ok(())
     }
 
-    pub(crate) fn bind<'q>(
+    /// Bind the six column arrays as the next six parameters of `query`.
+    pub(crate) fn bind_to<'q>(
         self,
-        sql: &'q str,
-        channel: &str,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        sqlx::query(sql)
+        query
             .bind(self.queues)
             .bind(self.priorities)
             .bind(self.run_at)
             .bind(self.lease_ms)
             .bind(self.task_ids)
             .bind(self.payloads)
-            .bind(channel.to_owned())
     }
 }
 
@@ -232,7 +319,7 @@ impl PgBroker {
     /// A broker on `store`'s namespace.
     pub fn new(store: PgStore) -> Self {
         let sql = store.broker_sql();
-        PgBroker { store, sql }
+        PgBroker { store, sql, reclaim_at: Arc::new(AtomicI64::new(0)) }
     }
 
     /// The store this broker runs on.
@@ -240,18 +327,43 @@ impl PgBroker {
         &self.store
     }
 
+    /// `backend` when it is a [`PgBackend`] on this broker's store (same pool and namespace),
+    /// whose writes can share this broker's statements.
+    fn same_store<'b>(&self, backend: &'b dyn ResultBackend) -> Option<&'b PgBackend> {
+        let pg = backend.as_any()?.downcast_ref::<PgBackend>()?;
+        pg.store().same_as(&self.store).then_some(pg)
+    }
+
     /// One claim round: lease up to `req.max` due rows.
     async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
         let pool = self.store.pool();
-        let sql = if req.queues.len() == 1 { &self.sql.claim_one } else { &self.sql.claim_many };
+        // Expired leases are looked for at least every RECLAIM_EVERY, and on every claim while
+        // the queues run short (so an idle consumer takes a lapsed lease back at its deadline).
+        let now = Utc::now().timestamp_millis();
+        let reclaim = self.reclaim_at.load(Ordering::Relaxed) <= now;
+        let sql = match (reclaim, req.queues.len() == 1) {
+            (true, true) => &self.sql.reclaim_one,
+            (true, false) => &self.sql.reclaim_many,
+            (false, true) => &self.sql.claim_one,
+            (false, false) => &self.sql.claim_many,
+        };
+        let mut conn = self.store.hot().await.map_err(db_err)?;
         let rows = sqlx::query(sql)
             .bind(&req.queues)
             .bind(i64::try_from(req.max).unwrap_or(i64::MAX))
             .bind(millis(req.lease))
             .bind(&req.consumer)
-            .fetch_all(pool)
-            .await
-            .map_err(db_err)?;
+            .fetch_all(conn.conn())
+            .await;
+        let rows = conn.finish(rows).map_err(db_err)?;
+        let next = if rows.len() < req.max {
+            0
+        } else if reclaim {
+            now + RECLAIM_EVERY_MS
+        } else {
+            self.reclaim_at.load(Ordering::Relaxed)
+        };
+        self.reclaim_at.store(next, Ordering::Relaxed);
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let id: i64 = row.try_get(0).map_err(db_err)?;
@@ -356,11 +468,12 @@ impl PgBroker {
 
     /// Milliseconds until the next delayed row is due or lease expires, if any.
     async fn next_due(&self, queues: &[String]) -> Result<Option<f64>> {
-        sqlx::query_scalar::<_, Option<f64>>(&self.sql.next_due)
+        let mut conn = self.store.hot().await.map_err(db_err)?;
+        let due = sqlx::query_scalar::<_, Option<f64>>(&self.sql.next_due)
             .bind(queues)
-            .fetch_one(self.store.pool())
-            .await
-            .map_err(db_err)
+            .fetch_one(conn.conn())
+            .await;
+        conn.finish(due).map_err(db_err)
     }
 
     async fn insert(&self, envelopes: &[Envelope]) -> Result<()> {
@@ -368,10 +481,13 @@ impl PgBroker {
         for env in envelopes {
             rows.push(env)?;
         }
-        rows.bind(&self.sql.publish, self.store.channel())
-            .execute(self.store.pool())
-            .await
-            .map_err(db_err)?;
+        let mut conn = self.store.hot().await.map_err(db_err)?;
+        let done = rows
+            .bind_to(sqlx::query(&self.sql.publish))
+            .bind(self.store.channel())
+            .execute(conn.conn())
+            .await;
+        conn.finish(done).map_err(db_err)?;
         Ok(())
     }
 }
@@ -427,12 +543,79 @@ impl Broker for PgBroker {
             if ids.is_empty() {
                 return Ok(());
             }
-            sqlx::query(&self.sql.ack)
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = sqlx::query(&self.sql.ack).bind(ids).bind(tokens).execute(conn.conn()).await;
+            conn.finish(done).map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// With a [`PgBackend`] on the same store: one statement (one transaction, one WAL
+    /// flush) upserts the records (fenced as in [`ResultBackend::set`], with the NOTIFY for
+    /// waiters) and deletes the leased rows whose token still matches. Otherwise the default
+    /// (set, then ack).
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.ack(receipts).await;
+            };
+            let rows = StatusRows::new(statuses)?;
+            let mut acks: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
+            acks.sort_unstable();
+            let (ids, tokens): (Vec<i64>, Vec<i64>) = acks.into_iter().unzip();
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = rows
+                .bind_to(sqlx::query(&self.sql.record_and_ack), pg.ttl(), self.store.channel())
                 .bind(ids)
                 .bind(tokens)
-                .execute(self.store.pool())
-                .await
-                .map_err(db_err)?;
+                .execute(conn.conn())
+                .await;
+            conn.finish(done).map_err(db_err)?;
+            pg.maybe_sweep();
+            Ok(())
+        })
+    }
+
+    /// With a [`PgBackend`] on the same store: one statement writes the records and inserts
+    /// the jobs (and sends the NOTIFY that wakes consumers), so a task becomes visible
+    /// together with its `queued` record. Otherwise the default (set, then publish).
+    fn record_and_publish<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.publish(envelopes).await;
+            };
+            let status_rows = StatusRows::new(statuses)?;
+            let mut job_rows = JobRows::default();
+            for env in &envelopes {
+                job_rows.push(env)?;
+            }
+            let query = status_rows.bind_to(
+                sqlx::query(&self.sql.record_and_publish),
+                pg.ttl(),
+                self.store.channel(),
+            );
+            let mut conn = self.store.hot().await.map_err(db_err)?;
+            let done = job_rows.bind_to(query).execute(conn.conn()).await;
+            conn.finish(done).map_err(db_err)?;
+            pg.maybe_sweep();
             Ok(())
         })
     }
@@ -591,7 +774,12 @@ impl Broker for PgBroker {
             for env in &envs {
                 job_rows.push(env)?;
             }
-            job_rows.bind(&self.sql.publish, self.store.channel()).execute(&mut *tx).await.map_err(db_err)?;
+            job_rows
+                .bind_to(sqlx::query(&self.sql.publish))
+                .bind(self.store.channel())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
             Ok(taken.len())
         })
@@ -618,12 +806,14 @@ impl Broker for PgBroker {
 
     fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
         Box::pin(async move {
-            let (pending, delayed, in_flight, dead) =
-                sqlx::query_as::<_, (i64, i64, i64, i64)>(&self.sql.counts)
+            let (pending, delayed, in_flight, dead) = {
+                let mut conn = self.store.hot().await.map_err(db_err)?;
+                let row = sqlx::query_as::<_, (i64, i64, i64, i64)>(&self.sql.counts)
                     .bind(queue)
-                    .fetch_one(self.store.pool())
-                    .await
-                    .map_err(db_err)?;
+                    .fetch_one(conn.conn())
+                    .await;
+                conn.finish(row).map_err(db_err)?
+            };
             let n = |x: i64| u64::try_from(x).unwrap_or(0);
             Ok(QueueCounts {
                 pending: n(pending),

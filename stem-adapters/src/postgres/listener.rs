@@ -1,11 +1,12 @@
 //! The LISTEN side: one connection per [`PgStore`](super::PgStore) listening on the
 //! namespace's channel and turning notifications into in-process wake-ups.
 //!
-//! Payloads: `j` (jobs became ready), `b` (a broadcast message), `s<uuid>` (a task reached a
-//! terminal state). A lost connection is logged at once (it is usually the first sign of a
-//! server outage); the listener then reconnects by itself with capped backoff, logging each
-//! failed attempt, and wakes every waiter, since notifications may have been missed in
-//! between. Meanwhile consumers and waiters fall back to polling.
+//! Payloads: `j` (jobs became ready), `b` (a broadcast message), `S<uuid>,<uuid>,…` (tasks
+//! reached a terminal state; `s<uuid>`, one task, is read too). A lost connection is logged at
+//! once (it is usually the first sign of a server outage); the listener then reconnects by
+//! itself with capped backoff, logging each failed attempt, and wakes every waiter, since
+//! notifications may have been missed in between. Meanwhile consumers and waiters fall back to
+//! polling.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,10 +123,13 @@ fn dispatch(hub: &Hub, payload: &str) {
     match payload.as_bytes().first() {
         Some(b'j') => hub.jobs.notify_waiters(),
         Some(b'b') => hub.broadcast.notify_waiters(),
-        Some(b's') => {
+        Some(b's' | b'S') => {
             if hub.has_waiters() {
-                if let Ok(id) = payload[1..].parse::<TaskId>() {
-                    hub.task_done(id);
+                for id in payload[1..].split(',') {
+                    match id.parse::<TaskId>() {
+                        Ok(id) => hub.task_done(id),
+                        Err(_) => hub.wake_all(),
+                    }
                 }
             }
         }

@@ -20,8 +20,9 @@ mod tx;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sqlx::Connection;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres};
 use tokio::sync::OnceCell;
 
 pub use backend::PgBackend;
@@ -97,6 +98,9 @@ pub struct PgStore {
 
 struct StoreInner {
     pool: PgPool,
+    /// The pool's connection settings as the pool shares them: the same `Arc` for every
+    /// clone of one pool, so it tells whether two stores run on the same pool.
+    pool_identity: Arc<PgConnectOptions>,
     namespace: String,
     /// `"schema"`, quoted for use in statements.
     schema: String,
@@ -108,6 +112,49 @@ struct StoreInner {
     listener: OnceCell<Listener>,
     broker_sql: OnceLock<Arc<broker::Sql>>,
     backend_sql: OnceLock<Arc<backend::Sql>>,
+    /// Connections kept between single statements of the frequent paths (see [`Hot`]).
+    hot: parking_lot::Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
+    /// Whether the task giving idle kept connections back to the pool runs.
+    hot_sweeper: std::sync::atomic::AtomicBool,
+}
+
+/// At most this many connections stay checked out between statements, per store.
+const HOT_MAX: usize = 2;
+/// A kept connection unused for this long goes back to the pool instead.
+const HOT_IDLE: Duration = Duration::from_secs(1);
+/// A pooled connection idle for longer than this is pinged before use (see `connect`).
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A connection for one statement of a frequent path (claims, combined writes, counts,
+/// status reads and writes).
+///
+/// sqlx pings every connection given back to its pool (one more round trip for the client
+/// and the server per statement). After a successful statement, [`Hot::finish`] keeps the
+/// connection for the next statement instead: up to two per store, and a background task
+/// gives back any kept for over a second, so an idle store holds no pool slot. A failed or
+/// abandoned statement's connection goes back to the pool as usual, where sqlx checks it,
+/// and the kept ones are given back too (after a server restart they would all be broken).
+pub(crate) struct Hot<'a> {
+    store: &'a PgStore,
+    conn: PoolConnection<Postgres>,
+}
+
+impl Hot<'_> {
+    /// The connection, to run one statement on.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Keep the connection after a success; give it (and the kept ones) back after an error.
+    pub(crate) fn finish<T>(self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        let mut hot = self.store.inner.hot.lock();
+        if result.is_err() {
+            hot.clear();
+        } else if hot.len() < HOT_MAX {
+            hot.push((self.conn, std::time::Instant::now()));
+        }
+        result
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -144,9 +191,21 @@ impl PgStore {
             .map_err(|_| unreachable(&masked, format!("no answer within {timeout:?}")))?
             .map_err(|e| unreachable(&masked, e))?;
         let _ = probe.close().await;
+        // A ping before every checkout would cost every statement a second round trip: only
+        // connections idle for over a second are checked (one that died meanwhile, e.g. in a
+        // server restart, is discarded and replaced before anybody uses it).
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .acquire_timeout(options.connect_timeout.max(Duration::from_secs(10)))
             .connect_lazy_with(connect_options);
         Self::with_pool(pool, &namespace, options, masked).await
@@ -167,6 +226,7 @@ impl PgStore {
     ) -> Result<Self, stem::Error> {
         let store = PgStore {
             inner: Arc::new(StoreInner {
+                pool_identity: pool.connect_options(),
                 pool,
                 namespace: namespace.to_owned(),
                 schema: format!("\"{namespace}\""),
@@ -177,6 +237,8 @@ impl PgStore {
                 listener: OnceCell::new(),
                 broker_sql: OnceLock::new(),
                 backend_sql: OnceLock::new(),
+                hot: parking_lot::Mutex::new(Vec::new()),
+                hot_sweeper: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         if store.inner.options.migrate {
@@ -222,6 +284,33 @@ impl PgStore {
         .await;
         conn.close_on_drop();
         result
+    }
+
+    /// Whether `other` writes to the same place: the same pool (one database) and the same
+    /// namespace. Then a broker and a backend on the two stores can share a transaction.
+    pub fn same_as(&self, other: &PgStore) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+            || (Arc::ptr_eq(&self.inner.pool_identity, &other.inner.pool_identity)
+                && self.inner.namespace == other.inner.namespace)
+    }
+
+    /// A connection for one statement of a frequent path: a kept one if there is one (see
+    /// [`Hot`]), else one from the pool.
+    pub(crate) async fn hot(&self) -> Result<Hot<'_>, sqlx::Error> {
+        if !self.inner.hot_sweeper.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(sweep_hot(Arc::downgrade(&self.inner)));
+        }
+        loop {
+            let kept = self.inner.hot.lock().pop();
+            match kept {
+                Some((conn, at)) if at.elapsed() < HOT_IDLE => return Ok(Hot { store: self, conn }),
+                // Idle too long: back to the pool, which checks it.
+                Some((conn, _)) => drop(conn),
+                None => break,
+            }
+        }
+        let conn = self.inner.pool.acquire().await?;
+        Ok(Hot { store: self, conn })
     }
 
     /// The pool.
@@ -283,6 +372,22 @@ impl PgStore {
             })
             .await;
         listener.ready(Duration::from_secs(2)).await;
+    }
+}
+
+/// Every [`HOT_IDLE`], give the connections kept longer than that back to the pool; ends
+/// with the store.
+async fn sweep_hot(store: std::sync::Weak<StoreInner>) {
+    loop {
+        tokio::time::sleep(HOT_IDLE).await;
+        let Some(inner) = store.upgrade() else { return };
+        let stale: Vec<_> = {
+            let mut hot = inner.hot.lock();
+            let (keep, stale) = hot.drain(..).partition(|(_, at)| at.elapsed() < HOT_IDLE);
+            *hot = keep;
+            stale
+        };
+        drop(stale);
     }
 }
 

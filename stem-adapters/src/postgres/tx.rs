@@ -46,12 +46,11 @@ pub async fn enqueue_tx<T: Task>(
     let env = stem.envelope(&sig)?;
     let id = env.id;
     let statuses = backend::StatusRows::new(vec![TaskStatus::for_envelope(&env, TaskState::Queued)])?;
-    let backend_sql = store.backend_sql();
-    statuses.bind(&backend_sql.set, ttl(), store.channel()).fetch_one(&mut **tx).await.map_err(db_err)?;
     let mut rows = broker::JobRows::default();
     rows.push(&env)?;
-    let broker_sql = store.broker_sql();
-    rows.bind(&broker_sql.publish, store.channel()).execute(&mut **tx).await.map_err(db_err)?;
+    let sql = store.broker_sql();
+    let query = statuses.bind_to(sqlx::query(&sql.record_and_publish), ttl(), store.channel());
+    rows.bind_to(query).execute(&mut **tx).await.map_err(db_err)?;
     Ok(stem.handle(id))
 }
 

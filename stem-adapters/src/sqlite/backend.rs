@@ -17,7 +17,9 @@ use crate::sql_shared::{decode_status, encode_status, fold_statuses, millis};
 
 const SWEEP_EVERY_MS: i64 = 30_000;
 
-const SET: &str = "INSERT INTO statuses (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
+/// The fenced batch upsert of status records (`?1` the JSON rows of [`status_rows`], `?2` now,
+/// `?3` the TTL); returns the written ids and whether each is terminal.
+pub(crate) const SET: &str = "INSERT INTO statuses (id, task, state, attempt, terminal, record, progress, updated_at, expires_at) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, ?2, ?2 + ?3 \
      FROM json_each(?1) WHERE true \
      ON CONFLICT (id) DO UPDATE SET task = excluded.task, state = excluded.state, attempt = excluded.attempt, \
@@ -94,6 +96,11 @@ impl SqliteBackend {
         &self.store
     }
 
+    /// How long records are kept.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Delete expired rows now; returns how many went.
     pub async fn sweep(&self) -> Result<u64> {
         sweep(&self.store).await
@@ -135,46 +142,65 @@ async fn sweep(store: &SqliteStore) -> Result<u64> {
     Ok(n)
 }
 
+/// The JSON rows [`SET`] reads, one per task (the batch folded first); `None` when empty.
+pub(crate) fn status_rows(statuses: Vec<TaskStatus>) -> Result<Option<String>> {
+    let statuses = fold_statuses(statuses);
+    if statuses.is_empty() {
+        return Ok(None);
+    }
+    let mut rows = Vec::with_capacity(statuses.len());
+    for s in &statuses {
+        let progress = match &s.progress {
+            Some(p) => Some(serde_json::to_string(p).map_err(stem::Error::backend)?),
+            None => None,
+        };
+        rows.push(serde_json::json!([
+            s.id.to_string(),
+            s.task,
+            s.state.as_str(),
+            s.attempt,
+            s.state.is_terminal(),
+            encode_status(s)?,
+            progress,
+        ]));
+    }
+    serde_json::to_string(&rows).map(Some).map_err(stem::Error::backend)
+}
+
+/// Run the fenced upsert of `rows` (from [`status_rows`]) on `conn` (the writer, possibly
+/// inside a transaction); returns the written ids and whether each is terminal.
+async fn write_statuses(
+    conn: &mut sqlx::SqliteConnection,
+    rows: String,
+    ttl: Duration,
+) -> Result<Vec<(String, bool)>> {
+    sqlx::query_as(SET).bind(rows).bind(now_ms()).bind(millis(ttl)).fetch_all(conn).await.map_err(backend_err)
+}
+
+impl SqliteBackend {
+    /// After records were written (and committed): wake this process's waiters of the
+    /// terminal ones, and sweep now and then.
+    pub(crate) fn written(&self, written: &[(String, bool)]) {
+        let hub = self.store.hub();
+        if hub.has_waiters() {
+            for (id, terminal) in written {
+                if let (true, Ok(id)) = (*terminal, id.parse::<TaskId>()) {
+                    hub.task_done(id);
+                }
+            }
+        }
+        self.maybe_sweep();
+    }
+}
+
 impl ResultBackend for SqliteBackend {
     fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let statuses = fold_statuses(statuses);
-            if statuses.is_empty() {
-                return Ok(());
-            }
-            let mut rows = Vec::with_capacity(statuses.len());
-            for s in &statuses {
-                let progress = match &s.progress {
-                    Some(p) => Some(serde_json::to_string(p).map_err(stem::Error::backend)?),
-                    None => None,
-                };
-                rows.push(serde_json::json!([
-                    s.id.to_string(),
-                    s.task,
-                    s.state.as_str(),
-                    s.attempt,
-                    s.state.is_terminal(),
-                    encode_status(s)?,
-                    progress,
-                ]));
-            }
-            let rows = serde_json::to_string(&rows).map_err(stem::Error::backend)?;
-            let written: Vec<(String, bool)> = sqlx::query_as(SET)
-                .bind(rows)
-                .bind(now_ms())
-                .bind(millis(self.ttl))
-                .fetch_all(self.store.writer())
-                .await
-                .map_err(backend_err)?;
-            let hub = self.store.hub();
-            if hub.has_waiters() {
-                for (id, terminal) in written {
-                    if let (true, Ok(id)) = (terminal, id.parse::<TaskId>()) {
-                        hub.task_done(id);
-                    }
-                }
-            }
-            self.maybe_sweep();
+            let Some(rows) = status_rows(statuses)? else { return Ok(()) };
+            let mut conn = self.store.writer().acquire().await.map_err(backend_err)?;
+            let written = write_statuses(&mut conn, rows, self.ttl).await?;
+            drop(conn);
+            self.written(&written);
             Ok(())
         })
     }
@@ -349,6 +375,10 @@ impl ResultBackend for SqliteBackend {
                 .map_err(backend_err)?;
             Ok(())
         })
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn workers(&self) -> BoxFuture<'_, Result<Vec<WorkerHeartbeat>>> {

@@ -1,10 +1,11 @@
 //! The SQLite broker: the same `jobs` model as Postgres, written through the single writer.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::Row;
+use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
 };
@@ -12,7 +13,8 @@ use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
 use tokio::time::Instant;
 
-use super::{SqliteStore, db_err, now_ms};
+use super::backend::{SET, status_rows};
+use super::{SqliteBackend, SqliteStore, db_err, now_ms};
 use crate::sql_shared::{dead_letter, millis};
 
 /// Broker on the `jobs` table of a SQLite database.
@@ -44,6 +46,26 @@ const CLAIM_MANY: &str = "UPDATE jobs SET state = 'leased', token = token + 1, d
        AND queue IN (SELECT value FROM json_each(?2)) AND run_at <= ?1 \
        ORDER BY priority DESC, (SELECT key FROM json_each(?2) WHERE value = jobs.queue), run_at, id LIMIT ?5) \
      RETURNING id, token, deliveries, priority, run_at, queue, payload";
+/// Expired leases back to ready, then the claim: one call to the connection's thread.
+static RECLAIM_CLAIM_ONE: LazyLock<String> = LazyLock::new(|| format!("{RECLAIM}; {CLAIM_ONE}"));
+static RECLAIM_CLAIM_MANY: LazyLock<String> = LazyLock::new(|| format!("{RECLAIM}; {CLAIM_MANY}"));
+/// The records ([`SET`], `?1`–`?3`), then the lease-fenced acks (`?4`): one call inside the
+/// combined transaction.
+static SET_AND_ACK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{SET}; DELETE FROM jobs WHERE state = 'leased' \
+         AND (id, token) IN (SELECT value->>0, value->>1 FROM json_each(?4))"
+    )
+});
+/// The records ([`SET`], `?1`–`?3`, `?2` being now), then the jobs (`?4`): one call inside the
+/// combined transaction.
+static SET_AND_PUBLISH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{SET}; INSERT INTO jobs (queue, priority, run_at, lease_ms, task_id, payload, created_at) \
+         SELECT value->>0, value->>1, coalesce(value->>2, ?2), value->>3, value->>4, value->>5, ?2 \
+         FROM json_each(?4)"
+    )
+});
 const NEXT_DUE: &str = "SELECT min(x) FROM ( \
        SELECT min(run_at) AS x FROM jobs WHERE state = 'ready' AND queue IN (SELECT value FROM json_each(?1)) \
        UNION ALL SELECT min(lease_until) FROM jobs WHERE state = 'leased')";
@@ -74,12 +96,15 @@ const DLQ_SELECT: &str = "SELECT id, payload FROM dead_letters WHERE queue = ?1 
 const DLQ_DELETE: &str = "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?1))";
 const DLQ_PURGE: &str = "DELETE FROM dead_letters WHERE queue = ?1";
 const PURGE: &str = "DELETE FROM jobs WHERE queue = ?1 AND state = 'ready'";
+/// Row and lease totals come from the counter row the `jobs` triggers keep; expired leases
+/// and delayed rows are index range scans (one seek per priority for the delayed ones).
 const COUNTS: &str = "SELECT \
-       coalesce(sum((state = 'ready' AND run_at <= ?2) OR (state = 'leased' AND lease_until <= ?2)), 0), \
-       coalesce(sum(state = 'ready' AND run_at > ?2), 0), \
-       coalesce(sum(state = 'leased' AND lease_until > ?2), 0), \
-       (SELECT count(*) FROM dead_letters WHERE queue = ?1) \
-     FROM jobs WHERE queue = ?1";
+       coalesce((SELECT jobs FROM queue_counts WHERE queue = ?1), 0), \
+       coalesce((SELECT leased FROM queue_counts WHERE queue = ?1), 0), \
+       (SELECT count(*) FROM jobs WHERE state = 'leased' AND lease_until <= ?2 AND queue = ?1), \
+       (SELECT count(*) FROM jobs WHERE state = 'ready' AND queue = ?1 \
+          AND priority IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) AND run_at > ?2), \
+       (SELECT count(*) FROM dead_letters WHERE queue = ?1)";
 const SUBSCRIBE: &str =
     "INSERT INTO broadcast_subscriptions (channel, subscriber) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
 const UNSUBSCRIBE: &str = "DELETE FROM broadcast_subscriptions WHERE channel = ?1 AND subscriber = ?2";
@@ -134,13 +159,12 @@ impl SqliteBroker {
     async fn claim(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
         let w = self.store.writer();
         let now = now_ms();
-        sqlx::query(RECLAIM).bind(now).execute(w).await.map_err(db_err)?;
         let queues = if req.queues.len() == 1 {
             req.queues[0].clone()
         } else {
             serde_json::to_string(&req.queues).map_err(stem::Error::broker)?
         };
-        let sql = if req.queues.len() == 1 { CLAIM_ONE } else { CLAIM_MANY };
+        let sql = if req.queues.len() == 1 { &*RECLAIM_CLAIM_ONE } else { &*RECLAIM_CLAIM_MANY };
         let rows = sqlx::query(sql)
             .bind(now)
             .bind(queues)
@@ -278,6 +302,12 @@ impl SqliteBroker {
     fn wake(&self) {
         self.store.hub().jobs.notify_waiters();
     }
+
+    /// `backend` when it is a [`SqliteBackend`] on this broker's database.
+    fn same_store<'b>(&self, backend: &'b dyn ResultBackend) -> Option<&'b SqliteBackend> {
+        let sq = backend.as_any()?.downcast_ref::<SqliteBackend>()?;
+        sq.store().same_as(&self.store).then_some(sq)
+    }
 }
 
 impl Broker for SqliteBroker {
@@ -338,6 +368,75 @@ impl Broker for SqliteBroker {
             }
             let json = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
             sqlx::query(ACK).bind(json).execute(self.store.writer()).await.map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// With a [`SqliteBackend`] on the same database: the records and the acks are written
+    /// in one transaction (one commit). Otherwise the default (set, then ack).
+    fn record_and_ack<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: Vec<Receipt>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.ack(receipts).await;
+            };
+            let Some(rows) = status_rows(statuses)? else { return self.ack(receipts).await };
+            let pairs: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
+            let acks = serde_json::to_string(&pairs).map_err(stem::Error::broker)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let written: Vec<(String, bool)> = sqlx::query_as(&SET_AND_ACK)
+                .bind(rows)
+                .bind(now_ms())
+                .bind(millis(sq.ttl()))
+                .bind(acks)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            sq.written(&written);
+            Ok(())
+        })
+    }
+
+    /// With a [`SqliteBackend`] on the same database: the records and the jobs are written
+    /// in one transaction, so a task becomes visible together with its `queued` record.
+    /// Otherwise the default (set, then publish).
+    fn record_and_publish<'a>(
+        &'a self,
+        backend: &'a dyn ResultBackend,
+        statuses: Vec<TaskStatus>,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
+            else {
+                if !statuses.is_empty() {
+                    backend.set(statuses).await?;
+                }
+                return self.publish(envelopes).await;
+            };
+            let Some(rows) = status_rows(statuses)? else { return self.publish(envelopes).await };
+            let jobs = job_rows(&envelopes)?;
+            let mut tx = self.store.writer().begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let written: Vec<(String, bool)> = sqlx::query_as(&SET_AND_PUBLISH)
+                .bind(rows)
+                .bind(now_ms())
+                .bind(millis(sq.ttl()))
+                .bind(jobs)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            sq.written(&written);
+            self.wake();
             Ok(())
         })
     }
@@ -518,7 +617,7 @@ impl Broker for SqliteBroker {
 
     fn counts<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueCounts>> {
         Box::pin(async move {
-            let (pending, delayed, in_flight, dead): (i64, i64, i64, i64) = sqlx::query_as(COUNTS)
+            let (total, leased, expired, delayed, dead): (i64, i64, i64, i64, i64) = sqlx::query_as(COUNTS)
                 .bind(queue)
                 .bind(now_ms())
                 .fetch_one(self.store.reader())
@@ -526,9 +625,9 @@ impl Broker for SqliteBroker {
                 .map_err(db_err)?;
             let n = |x: i64| u64::try_from(x).unwrap_or(0);
             Ok(QueueCounts {
-                pending: n(pending),
+                pending: n(total - leased - delayed + expired),
                 delayed: n(delayed),
-                in_flight: n(in_flight),
+                in_flight: n(leased - expired),
                 dead: n(dead),
             })
         })

@@ -176,6 +176,11 @@ impl SqliteStore {
         &self.inner.writer
     }
 
+    /// Whether `other` is the same database (stores opened on one file share everything).
+    pub fn same_as(&self, other: &SqliteStore) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The pool for reads.
     pub fn reader(&self) -> &SqlitePool {
         &self.inner.reader
