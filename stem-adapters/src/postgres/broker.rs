@@ -9,6 +9,7 @@ use sqlx::Row;
 use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
+    set_then_ack, set_then_publish,
 };
 use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
@@ -563,10 +564,7 @@ impl Broker for PgBroker {
         Box::pin(async move {
             let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
             else {
-                if !statuses.is_empty() {
-                    backend.set(statuses).await?;
-                }
-                return self.ack(receipts).await;
+                return set_then_ack(self, backend, statuses, receipts).await;
             };
             let rows = StatusRows::new(statuses)?;
             let mut acks: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
@@ -597,10 +595,7 @@ impl Broker for PgBroker {
         Box::pin(async move {
             let Some(pg) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
             else {
-                if !statuses.is_empty() {
-                    backend.set(statuses).await?;
-                }
-                return self.publish(envelopes).await;
+                return set_then_publish(self, backend, statuses, envelopes).await;
             };
             let status_rows = StatusRows::new(statuses)?;
             let mut job_rows = JobRows::default();

@@ -13,6 +13,7 @@ use redis::aio::ConnectionManager;
 use stem::backend::{ResultBackend, TaskState, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
+    set_then_ack, set_then_publish,
 };
 use stem::envelope::MAX_PRIORITY;
 use stem::{Envelope, Error, Result};
@@ -381,12 +382,7 @@ impl Broker for RedisBroker {
                     let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
                     b.finish_create_queued(&statuses, &answers[..statuses.len().min(answers.len())]).await
                 }
-                _ => {
-                    if !statuses.is_empty() {
-                        backend.set(statuses).await?;
-                    }
-                    self.publish(envelopes).await
-                }
+                _ => set_then_publish(self, backend, statuses, envelopes).await,
             }
         })
     }
@@ -453,15 +449,7 @@ impl Broker for RedisBroker {
                     }
                     e.run::<()>(&mut self.cmd()).await.map_err(err)
                 }
-                _ => {
-                    if !statuses.is_empty() {
-                        backend.set(statuses).await?;
-                    }
-                    if !receipts.is_empty() {
-                        self.ack(receipts).await?;
-                    }
-                    Ok(())
-                }
+                _ => set_then_ack(self, backend, statuses, receipts).await,
             }
         })
     }

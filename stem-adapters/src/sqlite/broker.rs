@@ -8,6 +8,7 @@ use sqlx::Row;
 use stem::backend::{ResultBackend, TaskStatus};
 use stem::broker::{
     BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, REASON_MALFORMED, Receipt,
+    set_then_ack, set_then_publish,
 };
 use stem::envelope::{Envelope, MAX_PRIORITY};
 use stem::error::Result;
@@ -383,10 +384,7 @@ impl Broker for SqliteBroker {
         Box::pin(async move {
             let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !receipts.is_empty())
             else {
-                if !statuses.is_empty() {
-                    backend.set(statuses).await?;
-                }
-                return self.ack(receipts).await;
+                return set_then_ack(self, backend, statuses, receipts).await;
             };
             let Some(rows) = status_rows(statuses)? else { return self.ack(receipts).await };
             let pairs: Vec<(i64, i64)> = receipts.iter().filter_map(parse_tag).collect();
@@ -418,10 +416,7 @@ impl Broker for SqliteBroker {
         Box::pin(async move {
             let Some(sq) = self.same_store(backend).filter(|_| !statuses.is_empty() && !envelopes.is_empty())
             else {
-                if !statuses.is_empty() {
-                    backend.set(statuses).await?;
-                }
-                return self.publish(envelopes).await;
+                return set_then_publish(self, backend, statuses, envelopes).await;
             };
             let Some(rows) = status_rows(statuses)? else { return self.publish(envelopes).await };
             let jobs = job_rows(&envelopes)?;

@@ -108,6 +108,40 @@ pub struct QueueCounts {
     pub dead: u64,
 }
 
+/// [`Broker::record_and_publish`]'s default: [`ResultBackend::set`], then [`Broker::publish`].
+/// For adapters whose override cannot combine the two in a given case.
+pub async fn set_then_publish<B: Broker + ?Sized>(
+    broker: &B,
+    backend: &dyn ResultBackend,
+    statuses: Vec<TaskStatus>,
+    envelopes: Vec<Envelope>,
+) -> Result<()> {
+    if !statuses.is_empty() {
+        backend.set(statuses).await?;
+    }
+    if !envelopes.is_empty() {
+        broker.publish(envelopes).await?;
+    }
+    Ok(())
+}
+
+/// [`Broker::record_and_ack`]'s default: [`ResultBackend::set`], then [`Broker::ack`]. For
+/// adapters whose override cannot combine the two in a given case.
+pub async fn set_then_ack<B: Broker + ?Sized>(
+    broker: &B,
+    backend: &dyn ResultBackend,
+    statuses: Vec<TaskStatus>,
+    receipts: Vec<Receipt>,
+) -> Result<()> {
+    if !statuses.is_empty() {
+        backend.set(statuses).await?;
+    }
+    if !receipts.is_empty() {
+        broker.ack(receipts).await?;
+    }
+    Ok(())
+}
+
 /// Stores and delivers envelopes.
 ///
 /// Semantics every implementation keeps (checked by the shared contract suite):
@@ -131,12 +165,7 @@ pub trait Broker: Send + Sync + 'static {
         statuses: Vec<TaskStatus>,
         envelopes: Vec<Envelope>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            if !statuses.is_empty() {
-                backend.set(statuses).await?;
-            }
-            self.publish(envelopes).await
-        })
+        Box::pin(set_then_publish(self, backend, statuses, envelopes))
     }
 
     /// Lease up to `req.max` ready envelopes, waiting up to `req.wait` for the first.
@@ -159,15 +188,7 @@ pub trait Broker: Send + Sync + 'static {
         statuses: Vec<TaskStatus>,
         receipts: Vec<Receipt>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            if !statuses.is_empty() {
-                backend.set(statuses).await?;
-            }
-            if !receipts.is_empty() {
-                self.ack(receipts).await?;
-            }
-            Ok(())
-        })
+        Box::pin(set_then_ack(self, backend, statuses, receipts))
     }
 
     /// Give a delivery back: `requeue` makes it ready again at once, otherwise it is dropped.
