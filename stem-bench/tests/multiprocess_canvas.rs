@@ -1,8 +1,10 @@
-//! A canvas carried by separate OS processes on Redis: two `stem-bench canvas-worker`
-//! processes run it, and the producer (`stem-bench canvas-enqueue`) is a third process that
-//! exits as soon as the canvas is enqueued, so nothing but the workers drives it.
+//! A canvas carried by separate OS processes, on Redis and on Postgres: four
+//! `stem-bench canvas-worker` processes run it, and the producer (`stem-bench canvas-enqueue`)
+//! is another process that exits as soon as the canvas is enqueued, so nothing but the workers
+//! drives it.
 //!
-//! Uses `STEM_TEST_REDIS_URL` (default `redis://127.0.0.1:6379/0`) with a fresh namespace.
+//! Uses `STEM_TEST_REDIS_URL` (default `redis://127.0.0.1:6379/0`) and `STEM_TEST_PG_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/test`), each with a fresh namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -21,8 +23,14 @@ use tokio::time::Instant;
 const MEMBERS: u64 = 50;
 const WAIT: Duration = Duration::from_secs(90);
 
-fn base_url() -> String {
+const WORKERS: usize = 4;
+
+fn redis_url() -> String {
     std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+fn postgres_url() -> String {
+    std::env::var("STEM_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 fn fresh_url(base: &str) -> String {
@@ -118,22 +126,28 @@ fn callbacks_of(lines: &[String]) -> Vec<Vec<u64>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chord_of_50_and_a_chain_run_by_two_worker_processes() {
-    let url = fresh_url(&base_url());
-    let mut a = CanvasWorker::start(&url);
-    let mut b = CanvasWorker::start(&url);
+async fn a_chord_of_50_and_a_chain_run_by_four_worker_processes_on_redis() {
+    chord_and_chain_across_worker_processes(&fresh_url(&redis_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_of_50_and_a_chain_run_by_four_worker_processes_on_postgres() {
+    chord_and_chain_across_worker_processes(&fresh_url(&postgres_url())).await;
+}
+
+async fn chord_and_chain_across_worker_processes(url: &str) {
+    let mut workers: Vec<CanvasWorker> = (0..WORKERS).map(|_| CanvasWorker::start(url)).collect();
     let give_up = Instant::now() + Duration::from_secs(60);
-    while !(a.ready() && b.ready()) {
-        assert!(Instant::now() < give_up, "workers did not start; logs:\n{}\n{}", a.log.lock().unwrap(), {
-            b.log.lock().unwrap()
-        });
+    while !workers.iter().all(CanvasWorker::ready) {
+        let logs: Vec<String> = workers.iter().map(|w| w.log.lock().unwrap().clone()).collect();
+        assert!(Instant::now() < give_up, "workers did not start; logs:\n{}", logs.join("\n"));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // The producer process enqueues a chord of 50 (members sleep 50 ms, so both workers take
-    // some) and a chain of five steps, prints their ids and exits.
+    // The producer process enqueues a chord of 50 (members sleep 50 ms, so the workers share
+    // them) and a chain of five steps, prints their ids and exits.
     let out = bench()
-        .args(["canvas-enqueue", "--url", &url, "--members", &MEMBERS.to_string(), "--task-ms", "50"])
+        .args(["canvas-enqueue", "--url", url, "--members", &MEMBERS.to_string(), "--task-ms", "50"])
         .output()
         .expect("run stem-bench canvas-enqueue");
     assert!(out.status.success(), "canvas-enqueue failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -142,7 +156,7 @@ async fn a_chord_of_50_and_a_chain_run_by_two_worker_processes() {
     let chain_id: TaskId = serde_json::from_value(ids["chain"].clone()).unwrap();
 
     // Results are read from the backend, as any process could.
-    let adapters = stem_adapters::connect(&url).await.unwrap();
+    let adapters = stem_adapters::connect(url).await.unwrap();
     let chord = adapters.backend.wait(chord_id, WAIT).await.unwrap().expect("chord callback record");
     assert_eq!(chord.state, TaskState::Succeeded, "{chord:?}");
     assert_eq!(chord.result, Some(json!((0..MEMBERS).sum::<u64>())), "the callback's output");
@@ -161,17 +175,19 @@ async fn a_chord_of_50_and_a_chain_run_by_two_worker_processes() {
         assert!(Instant::now() < give_up, "queue did not drain: {c:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lines_a = a.stop().await;
-    let lines_b = b.stop().await;
+    let mut lines = Vec::new();
+    for w in &mut workers {
+        lines.push(w.stop().await);
+    }
 
-    let mut callbacks = callbacks_of(&lines_a);
-    callbacks.extend(callbacks_of(&lines_b));
-    assert_eq!(callbacks.len(), 1, "the chord callback ran exactly once across both workers");
+    let callbacks: Vec<Vec<u64>> = lines.iter().flat_map(|l| callbacks_of(l)).collect();
+    assert_eq!(callbacks.len(), 1, "the chord callback ran exactly once across all workers");
     assert_eq!(callbacks[0], (0..MEMBERS).collect::<Vec<_>>(), "it got the outputs in member order");
 
-    let (ran_a, ran_b) = (members_of(&lines_a), members_of(&lines_b));
-    assert!(!ran_a.is_empty() && !ran_b.is_empty(), "both workers ran members: {ran_a:?} / {ran_b:?}");
-    let all: Vec<u64> = ran_a.iter().chain(&ran_b).copied().collect();
+    let ran: Vec<Vec<u64>> = lines.iter().map(|l| members_of(l)).collect();
+    let busy = ran.iter().filter(|r| !r.is_empty()).count();
+    assert!(busy >= 2, "members were spread over the worker processes: {ran:?}");
+    let all: Vec<u64> = ran.iter().flatten().copied().collect();
     let distinct: HashSet<u64> = all.iter().copied().collect();
     assert_eq!(distinct, (0..MEMBERS).collect::<HashSet<_>>(), "every member ran");
     assert_eq!(all.len() as u64, MEMBERS, "no member ran twice");
