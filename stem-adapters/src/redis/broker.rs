@@ -183,6 +183,13 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// `backend` as a [`RedisBackend`] on this broker's connection and namespace, whose writes
+    /// may share this broker's scripts and pipelines.
+    fn same_store<'b>(&self, backend: &'b dyn ResultBackend) -> Option<&'b RedisBackend> {
+        let redis = backend.as_any()?.downcast_ref::<RedisBackend>()?;
+        redis.colocated_with(&self.conn, &self.keys).then_some(redis)
+    }
+
     /// Create `stream` and its consumer group unless this broker already did (or saw them).
     async fn ensure_group(&self, stream: &str) -> Result<()> {
         if self.grouped.lock().contains(stream) {
@@ -365,10 +372,7 @@ impl Broker for RedisBroker {
         envelopes: Vec<Envelope>,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let colocated = backend
-                .as_any()
-                .and_then(|b| b.downcast_ref::<RedisBackend>())
-                .filter(|b| b.colocated_with(&self.conn, &self.keys));
+            let colocated = self.same_store(backend);
             let small = statuses.len() <= PUBLISH_CHUNK && envelopes.len() <= PUBLISH_CHUNK;
             match colocated {
                 // One pipeline, records first: `SET … NX` for each queued record, then the
@@ -432,10 +436,7 @@ impl Broker for RedisBroker {
         receipts: Vec<Receipt>,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let colocated = backend
-                .as_any()
-                .and_then(|b| b.downcast_ref::<RedisBackend>())
-                .filter(|b| b.colocated_with(&self.conn, &self.keys));
+            let colocated = self.same_store(backend);
             match colocated {
                 // One script: the records, then the acks, atomically and in one round trip.
                 Some(b) if statuses.len() <= FINISH_CHUNK && receipts.len() <= FINISH_CHUNK => {
