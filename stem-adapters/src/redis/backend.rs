@@ -146,7 +146,7 @@ fn missed_creates(statuses: &[TaskStatus], answers: &[Value]) -> Vec<TaskStatus>
     statuses.iter().zip(answers).filter(|(_, a)| matches!(a, Value::Nil)).map(|(s, _)| s.clone()).collect()
 }
 
-/// Append one record's five script arguments (see `scripts/status_lib.lua`).
+/// Append one record's three script arguments (see `scripts/status_lib.lua`).
 pub(crate) fn push_status_args(e: &mut Eval, s: &TaskStatus) -> Result<()> {
     let terminal = u8::from(s.state.is_terminal());
     let mut value = Vec::with_capacity(512);
@@ -154,11 +154,7 @@ pub(crate) fn push_status_args(e: &mut Eval, s: &TaskStatus) -> Result<()> {
     serde_json::to_writer(&mut value, s)?;
     // Same text as the id's Display, without an allocation.
     let mut id_buf = [0u8; 36];
-    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
-        .arg(s.attempt)
-        .arg(terminal)
-        .arg(u8::from(s.progress.is_some()))
-        .arg(value);
+    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(u8::from(s.progress.is_some())).arg(value);
     Ok(())
 }
 

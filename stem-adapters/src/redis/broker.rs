@@ -61,6 +61,24 @@ fn push_store_args(eval: &mut Eval, env: &Envelope) -> Result<()> {
     Ok(())
 }
 
+/// Append receipts grouped by queue, as `scripts/ack_lib.lua` takes them: per queue its name,
+/// the number of receipts, then `(tag, token)` for each.
+fn push_receipts(eval: &mut Eval, receipts: &[Receipt]) {
+    let mut done = vec![false; receipts.len()];
+    for (i, r) in receipts.iter().enumerate() {
+        if done[i] {
+            continue;
+        }
+        let same: Vec<usize> =
+            (i..receipts.len()).filter(|&j| !done[j] && receipts[j].queue == r.queue).collect();
+        eval.arg(&*r.queue).arg(same.len());
+        for j in same {
+            done[j] = true;
+            eval.arg(&receipts[j].tag).arg(receipts[j].lease);
+        }
+    }
+}
+
 fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -102,6 +120,28 @@ enum Consumed {
     },
 }
 
+/// The envelope of a stream entry (its field `e`), or, for an entry without one, all of its
+/// fields as text (for the dead letter's `raw`).
+fn entry_payload(fields: Vec<Value>) -> (bool, Vec<u8>) {
+    let mut text = Vec::new();
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if bytes(&k) == Some(b"e") {
+            if let Value::BulkString(b) = v {
+                return (true, b);
+            }
+            return (true, bytes(&v).map(<[u8]>::to_vec).unwrap_or_default());
+        }
+        for part in [&k, &v] {
+            if !text.is_empty() {
+                text.push(b' ');
+            }
+            text.extend_from_slice(bytes(part).unwrap_or_default());
+        }
+    }
+    (false, text)
+}
+
 fn parse_consume(v: Value) -> Result<Consumed> {
     let Value::Array(items) = v else {
         return Err(unexpected("consume", &v));
@@ -115,22 +155,25 @@ fn parse_consume(v: Value) -> Result<Consumed> {
     }
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     let mut it = items.into_iter().skip(1);
-    while let (Some(q), Some(tag), Some(token), Some(has), Some(payload)) =
+    while let (Some(q), Some(p), Some(id), Some(token), Some(fields)) =
         (it.next(), it.next(), it.next(), it.next(), it.next())
     {
-        let (Some(q), Some(tag), Some(token), Some(has)) = (int(&q), string(&tag), int(&token), int(&has))
-        else {
+        let (Some(q), Some(p), Some(id), Some(token)) = (int(&q), bytes(&p), bytes(&id), int(&token)) else {
             return Err(err("consume: malformed delivery in script answer"));
         };
-        let payload = match payload {
-            Value::BulkString(b) => b,
-            other => bytes(&other).map(<[u8]>::to_vec).unwrap_or_default(),
+        let mut tag = String::with_capacity(p.len() + 1 + id.len());
+        tag.push_str(&String::from_utf8_lossy(p));
+        tag.push(':');
+        tag.push_str(&String::from_utf8_lossy(id));
+        let Value::Array(fields) = fields else {
+            return Err(err("consume: entry fields missing in script answer"));
         };
+        let (has_envelope, payload) = entry_payload(fields);
         out.push(Raw {
             queue: usize::try_from(q - 1).unwrap_or(0),
             tag,
             token: u64::try_from(token).unwrap_or(0),
-            has_envelope: has == 1,
+            has_envelope,
             payload,
         });
     }
@@ -420,9 +463,7 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             for chunk in receipts.chunks(ACK_CHUNK) {
                 let mut e = self.eval(&scripts::ACK);
-                for r in chunk {
-                    e.arg(&*r.queue).arg(&r.tag).arg(r.lease);
-                }
+                push_receipts(&mut e, chunk);
                 e.run::<()>(&mut self.cmd()).await.map_err(err)?;
             }
             Ok(())
@@ -445,9 +486,7 @@ impl Broker for RedisBroker {
                     for s in &statuses {
                         push_status_args(&mut e, s)?;
                     }
-                    for r in &receipts {
-                        e.arg(&*r.queue).arg(&r.tag).arg(r.lease);
-                    }
+                    push_receipts(&mut e, &receipts);
                     e.run::<()>(&mut self.cmd()).await.map_err(err)
                 }
                 _ => set_then_ack(self, backend, statuses, receipts).await,

@@ -1,56 +1,56 @@
 -- Acks (library, used by ack.lua and finish.lua; needs common.lua). ack_receipts finishes the
--- receipts ARGV[from..to], (queue, tag, token) each; stale receipts are skipped. Returns how
--- many deliveries were finished. Leases are checked with one ZMSCORE per queue and finished
--- with one XACK, XDEL and ZREM per stream, whatever the batch size.
+-- receipts in ARGV[from..to], grouped by queue: (queue, count, then (tag, token) * count) per
+-- queue; stale receipts are skipped. Returns how many deliveries were finished. Leases are
+-- checked with one ZMSCORE per queue and finished with one XACK, XDEL and ZREM per stream,
+-- whatever the batch size. A tag is "<priority digit>:<entry id>".
 local function ack_receipts(from, to)
-  local byq = {}
-  local qorder = {}
-  for i = from, to, 3 do
-    local q = ARGV[i]
-    local b = byq[q]
-    if not b then
-      b = {tags = {}, members = {}}
-      byq[q] = b
-      qorder[#qorder + 1] = q
-    end
-    b.tags[#b.tags + 1] = ARGV[i + 1]
-    b.members[#b.members + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 2]
-  end
   local n = 0
-  for _, q in ipairs(qorder) do
-    local b = byq[q]
+  local i = from
+  while i <= to do
+    local q = ARGV[i]
+    local count = tonumber(ARGV[i + 1])
     local lk = k_leases(q)
-    for s = 1, #b.members, 1000 do
-      local e = math.min(s + 999, #b.members)
-      local scores = redis.call('ZMSCORE', lk, unpack(b.members, s, e))
+    local first = i + 2
+    local last = first + 2 * count - 1
+    i = last + 1
+    for s = first, last, 2000 do
+      local e = math.min(s + 1999, last)
+      local members = {}
+      local m = 0
+      for j = s, e, 2 do
+        m = m + 1
+        members[m] = ARGV[j] .. ':' .. ARGV[j + 1]
+      end
+      local scores = redis.call('ZMSCORE', lk, unpack(members))
       local streams = {}
       local sorder = {}
       local live = {}
-      for j = s, e do
-        local sc = scores[j - s + 1]
-        if sc and tonumber(sc) ~= 0 then
-          local p, id = string.match(b.tags[j], '^(%d):(.+)$')
-          if p then
-            local sk = k_stream(q, p)
-            local ids = streams[sk]
-            if not ids then
-              ids = {}
-              streams[sk] = ids
-              sorder[#sorder + 1] = sk
-            end
-            ids[#ids + 1] = id
-            live[#live + 1] = b.members[j]
-            n = n + 1
+      local nl = 0
+      for j = 1, m do
+        local sc = scores[j]
+        if sc and sc ~= '0' then
+          local tag = ARGV[s + 2 * (j - 1)]
+          local p = string.sub(tag, 1, 1)
+          local sk = k_stream(q, p)
+          local ids = streams[sk]
+          if not ids then
+            ids = {}
+            streams[sk] = ids
+            sorder[#sorder + 1] = sk
           end
+          ids[#ids + 1] = string.sub(tag, 3)
+          nl = nl + 1
+          live[nl] = members[j]
         end
       end
       for _, sk in ipairs(sorder) do
         redis.call('XACK', sk, G, unpack(streams[sk]))
         redis.call('XDEL', sk, unpack(streams[sk]))
       end
-      if #live > 0 then
+      if nl > 0 then
         redis.call('ZREM', lk, unpack(live))
       end
+      n = n + nl
     end
   end
   return n

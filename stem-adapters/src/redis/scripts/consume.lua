@@ -3,8 +3,11 @@
 -- 2. per priority 9..0 and per queue in order: first expired/released leases (XCLAIM, new
 --    token), then new entries (XREADGROUP >), until `max` deliveries;
 -- 3. record a lease (deadline) for every delivery.
--- Returns {n, (queue_index, tag, token, has_envelope, payload) * n}; when n = 0 it returns
--- {0, ms_until_next_due_or_-1, last_generated_id per stream (priority 9..0, queue order)}.
+-- Returns {n, (queue_index, priority, entry id, token, fields) * n}, `fields` being the entry's
+-- field/value list as stored (the client finds `e` in it and dead-letters entries without
+-- one); when n = 0 it returns {0, ms_until_next_due_or_-1, last_generated_id per stream
+-- (priority 9..0, queue order)}. The hot path touches each entry as little as it can: every
+-- table slot and string built here is paid per task.
 local consumer = ARGV[2]
 local max = tonumber(ARGV[3])
 local dlease = tonumber(ARGV[4])
@@ -28,6 +31,7 @@ for i = 1, nq do
 end
 
 local out = {0}
+local k = 1
 local n = 0
 local leases = {}
 local expired = {}
@@ -46,27 +50,25 @@ for i = 1, nq do
 end
 
 local function deliver(i, p, entry, token)
-  local id = entry[1]
-  local fields = entry[2]
-  local env, vis = nil, nil
-  for f = 1, #fields, 2 do
-    if fields[f] == 'e' then env = fields[f + 1] elseif fields[f] == 'v' then vis = tonumber(fields[f + 1]) end
+  local id, fields = entry[1], entry[2]
+  local vis = dlease
+  -- Only an envelope with its own lease length has more than the one field `e`.
+  if fields[3] or fields[1] ~= 'e' then
+    for f = 1, #fields, 2 do
+      if fields[f] == 'v' then vis = tonumber(fields[f + 1]) or dlease end
+    end
   end
-  local tag = p .. ':' .. id
   local l = leases[i]
-  l[#l + 1] = now + (vis or dlease)
-  l[#l + 1] = tag .. ':' .. token
+  local j = #l
+  l[j + 1] = now + vis
+  l[j + 2] = p .. ':' .. id .. ':' .. token
   n = n + 1
-  out[#out + 1] = i
-  out[#out + 1] = tag
-  out[#out + 1] = token
-  if env then
-    out[#out + 1] = 1
-    out[#out + 1] = env
-  else
-    out[#out + 1] = 0
-    out[#out + 1] = table.concat(fields, ' ')
-  end
+  out[k + 1] = i
+  out[k + 2] = p
+  out[k + 3] = id
+  out[k + 4] = token
+  out[k + 5] = fields
+  k = k + 5
 end
 
 for p = 9, 0, -1 do

@@ -1,6 +1,6 @@
 -- Status records (library, used by set_status.lua and finish.lua). set_records writes the
--- records ARGV[from..to], five arguments each: (task_id, attempt, terminal 1/0,
--- has_progress 1/0, value), where value = "<attempt>:<terminal>:0|<json>" (built by the client).
+-- records ARGV[from..to], three arguments each: (task_id, has_progress 1/0, value), where
+-- value = "<attempt>:<terminal 1/0>:0|<json>" (built by the client).
 -- A record is stored as that value with a TTL; the third header field flips to 1 while a
 -- separate progress key exists. The fencing rule of TaskStatus::may_replace is applied
 -- against the stored header: an older attempt never overwrites a newer one; within one
@@ -9,12 +9,13 @@
 -- task's channel (payload: the value, then "\n" and the progress, if any).
 local function set_records(ns, ttl, from, to)
   local written = 0
-  for i = from, to, 5 do
+  local rprefix = ns .. ':r:'
+  local dprefix = ns .. ':done:'
+  for i = from, to, 3 do
     local id = ARGV[i]
-    local attempt = tonumber(ARGV[i + 1])
-    local term = ARGV[i + 2]
-    local rk = ns .. ':r:' .. id
-    local value = ARGV[i + 4]
+    local value = ARGV[i + 2]
+    local attempt, term = string.match(value, '^(%d+):(%d)')
+    local rk = rprefix .. id
     -- One call writes and returns the previous record; a fenced-out write puts it back.
     local old = redis.call('SET', rk, value, 'PX', ttl, 'GET')
     local ok = true
@@ -23,9 +24,8 @@ local function set_records(ns, ttl, from, to)
       local a, t, p = string.match(old, '^(%d+):(%d):(%d)|')
       if a then
         has_prog_key = p == '1'
-        a = tonumber(a)
-        if attempt ~= a then
-          ok = attempt > a
+        if a ~= attempt then
+          ok = tonumber(attempt) > tonumber(a)
         else
           ok = not (t == '1' and term == '0')
         end
@@ -38,19 +38,19 @@ local function set_records(ns, ttl, from, to)
       local prog = false
       if has_prog_key then
         local pk = ns .. ':p:' .. id
-        if ARGV[i + 3] == '1' then
+        if ARGV[i + 1] == '1' then
           redis.call('DEL', pk)
         else
           prog = redis.call('GET', pk)
           if prog then
             redis.call('PEXPIRE', pk, ttl)
-            redis.call('SETRANGE', rk, string.len(ARGV[i + 1]) + 3, '1')
+            redis.call('SETRANGE', rk, string.len(attempt) + 3, '1')
           end
         end
       end
       if term == '1' then
         if prog then value = value .. '\n' .. prog end
-        redis.call('PUBLISH', ns .. ':done:' .. id, value)
+        redis.call('PUBLISH', dprefix .. id, value)
       end
       written = written + 1
     end
