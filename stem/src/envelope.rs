@@ -88,10 +88,18 @@ pub struct Envelope {
     #[serde(default)]
     pub max_retries: u32,
     /// Do not deliver before this instant (ETA / countdown / retry backoff).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::opt_rfc3339"
+    )]
     pub not_before: Option<DateTime<Utc>>,
     /// Never run after this instant; an expired task is recorded as cancelled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::opt_rfc3339"
+    )]
     pub expires: Option<DateTime<Utc>>,
     /// Soft time limit: the task's context is cancelled when it passes.
     #[serde(default, with = "opt_millis", skip_serializing_if = "Option::is_none")]
@@ -115,6 +123,7 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_result: bool,
     /// When the producer created the envelope.
+    #[serde(serialize_with = "crate::timestamp::rfc3339")]
     pub created_at: DateTime<Utc>,
     /// Canvas: what happens when this task ends for good (next chain step, group member slot,
     /// callbacks). Absent for plain tasks, so envelopes without it still parse.
@@ -167,6 +176,21 @@ impl Envelope {
 
     /// Parse JSON bytes, checking the version.
     pub fn from_json(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        // Every delivery goes through here: parse straight into the struct, and only when that
+        // fails go through a `Value` to tell apart "not JSON", "other version" and "bad fields".
+        let env = match serde_json::from_slice::<Envelope>(bytes) {
+            Ok(env) if env.v == ENVELOPE_VERSION => env,
+            Ok(env) => return Err(EnvelopeError::UnsupportedVersion(u64::from(env.v))),
+            Err(_) => Self::diagnose(bytes)?,
+        };
+        if !env.args.is_object() {
+            return Err(EnvelopeError::Invalid("`args` must be a JSON object".to_owned()));
+        }
+        Ok(env)
+    }
+
+    /// The slow path of [`Envelope::from_json`]: which of its errors applies.
+    fn diagnose(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
         let v = value
@@ -176,12 +200,7 @@ impl Envelope {
         if v != u64::from(ENVELOPE_VERSION) {
             return Err(EnvelopeError::UnsupportedVersion(v));
         }
-        let env: Envelope =
-            serde_json::from_value(value).map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
-        if !env.args.is_object() {
-            return Err(EnvelopeError::Invalid("`args` must be a JSON object".to_owned()));
-        }
-        Ok(env)
+        serde_json::from_value(value).map_err(|e| EnvelopeError::Invalid(e.to_string()))
     }
 }
 
@@ -253,6 +272,13 @@ mod tests {
         assert!(matches!(Envelope::from_json(br#"{"v": 99}"#), Err(EnvelopeError::UnsupportedVersion(99))));
         assert!(matches!(Envelope::from_json(br#"{"v": 1}"#), Err(EnvelopeError::Invalid(_))));
         assert!(matches!(Envelope::from_json(br#"{"id": 1}"#), Err(EnvelopeError::Invalid(_))));
+        // A complete envelope of another version, and one whose `args` is not an object.
+        let mut other = Envelope::new("t", serde_json::json!({}));
+        other.v = 2;
+        let bytes = other.to_json().unwrap();
+        assert!(matches!(Envelope::from_json(&bytes), Err(EnvelopeError::UnsupportedVersion(2))));
+        let listed = Envelope::new("t", serde_json::json!([1, 2])).to_json().unwrap();
+        assert!(matches!(Envelope::from_json(&listed), Err(EnvelopeError::Invalid(_))));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod result;
 pub mod signals;
 pub mod store;
 pub mod task;
+mod timestamp;
 pub mod worker;
 
 #[doc(hidden)]
