@@ -120,8 +120,8 @@ enum Consumed {
     },
 }
 
-/// The envelope of a stream entry (its field `e`), or, for an entry without one, all of its
-/// fields as text (for the dead letter's `raw`).
+/// The envelope of a stream entry whose first field is not `e` (its field `e` if it has one
+/// elsewhere), or, for an entry without one, all of its fields as text (the dead letter's `raw`).
 fn entry_payload(fields: Vec<Value>) -> (bool, Vec<u8>) {
     let mut text = Vec::new();
     let mut it = fields.into_iter();
@@ -165,10 +165,11 @@ fn parse_consume(v: Value) -> Result<Consumed> {
         tag.push_str(&String::from_utf8_lossy(p));
         tag.push(':');
         tag.push_str(&String::from_utf8_lossy(id));
-        let Value::Array(fields) = fields else {
-            return Err(err("consume: entry fields missing in script answer"));
+        let (has_envelope, payload) = match fields {
+            Value::BulkString(envelope) => (true, envelope),
+            Value::Array(fields) => entry_payload(fields),
+            other => return Err(unexpected("consume (entry payload)", &other)),
         };
-        let (has_envelope, payload) = entry_payload(fields);
         out.push(Raw {
             queue: usize::try_from(q - 1).unwrap_or(0),
             tag,

@@ -3,9 +3,9 @@
 -- 2. per priority 9..0 and per queue in order: first expired/released leases (XCLAIM, new
 --    token), then new entries (XREADGROUP >), until `max` deliveries;
 -- 3. record a lease (deadline) for every delivery.
--- Returns {n, (queue_index, priority, entry id, token, fields) * n}, `fields` being the entry's
--- field/value list as stored (the client finds `e` in it and dead-letters entries without
--- one); when n = 0 it returns {0, ms_until_next_due_or_-1, last_generated_id per stream
+-- Returns {n, (queue_index, priority, entry id, token, payload) * n}, `payload` being the
+-- envelope (field `e`) when it is the entry's first field, else the entry's whole field/value
+-- list (the client finds `e` in it, or dead-letters the entry); when n = 0 it returns {0, ms_until_next_due_or_-1, last_generated_id per stream
 -- (priority 9..0, queue order)}. The hot path touches each entry as little as it can: every
 -- table slot and string built here is paid per task.
 local consumer = ARGV[2]
@@ -67,7 +67,7 @@ local function deliver(i, p, entry, token)
   out[k + 2] = p
   out[k + 3] = id
   out[k + 4] = token
-  out[k + 5] = fields
+  if fields[1] == 'e' then out[k + 5] = fields[2] else out[k + 5] = fields end
   k = k + 5
 end
 
