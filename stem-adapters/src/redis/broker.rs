@@ -35,6 +35,11 @@ const BROADCAST_MAXLEN: usize = 10_000;
 /// Extra time granted to a blocking read before the client gives up on it.
 const BLOCK_SLACK: Duration = Duration::from_secs(5);
 
+/// How often, at least, a consumer under a backlog runs the consume script (which promotes due
+/// delayed envelopes and takes back expired leases) instead of the plain `XREADGROUP` fast
+/// path.
+const SCRIPT_EVERY: Duration = Duration::from_millis(250);
+
 /// A broker on Redis streams. Cheap to clone; clones share connections.
 #[derive(Clone, Debug)]
 pub struct RedisBroker {
@@ -42,6 +47,27 @@ pub struct RedisBroker {
     keys: Keys,
     /// Streams known to have their consumer group, so publishing skips creating it.
     grouped: Arc<Mutex<HashSet<String>>>,
+    /// What the last fetches saw, to choose between the script and the fast path.
+    fast: Arc<Mutex<FastPath>>,
+}
+
+/// What decides whether a fetch may skip the consume script (see `RedisBroker::plan`).
+#[derive(Debug)]
+struct FastPath {
+    /// The one queue and priority stream that held entries at the last script call.
+    single: Option<(String, u8)>,
+    /// The last fetch came back full.
+    backlog: bool,
+    /// When the script last ran, and when it last looked for expired leases.
+    script_at: std::time::Instant,
+    reclaim_at: std::time::Instant,
+}
+
+impl Default for FastPath {
+    fn default() -> Self {
+        let now = std::time::Instant::now();
+        FastPath { single: None, backlog: false, script_at: now, reclaim_at: now }
+    }
 }
 
 fn err(e: impl Into<stem::error::BoxError>) -> Error {
@@ -61,20 +87,34 @@ fn push_store_args(eval: &mut Eval, env: &Envelope) -> Result<()> {
     Ok(())
 }
 
-/// Append receipts grouped by queue, as `scripts/ack_lib.lua` takes them: per queue its name,
-/// the number of receipts, then `(tag, token)` for each.
+/// Append receipts grouped by stream, as `scripts/ack_lib.lua` takes them: per stream its
+/// queue, priority, lowest and highest entry id and number of receipts, then `(entry id,
+/// token)` for each. Receipts whose tag is not `<priority>:<entry id>` cannot be live and are
+/// left out.
 fn push_receipts(eval: &mut Eval, receipts: &[Receipt]) {
-    let mut done = vec![false; receipts.len()];
-    for (i, r) in receipts.iter().enumerate() {
-        if done[i] {
+    /// A receipt's entry id, token and the id's `(ms, seq)` for ordering.
+    type Entry<'r> = (&'r str, u64, (u64, u64));
+    // (queue, priority) → receipts of that stream, in order of first appearance.
+    let mut streams: Vec<((&str, &str), Vec<Entry<'_>>)> = Vec::new();
+    for r in receipts {
+        let Some((p, id)) = r.tag.split_once(':') else { continue };
+        let Some(key) = id.split_once('-').and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        else {
             continue;
+        };
+        let stream = (&*r.queue, p);
+        let entry = (id, r.lease, key);
+        match streams.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, list)) => list.push(entry),
+            None => streams.push((stream, vec![entry])),
         }
-        let same: Vec<usize> =
-            (i..receipts.len()).filter(|&j| !done[j] && receipts[j].queue == r.queue).collect();
-        eval.arg(&*r.queue).arg(same.len());
-        for j in same {
-            done[j] = true;
-            eval.arg(&receipts[j].tag).arg(receipts[j].lease);
+    }
+    for ((queue, p), list) in streams {
+        let lo = list.iter().min_by_key(|e| e.2).map_or("0-0", |e| e.0);
+        let hi = list.iter().max_by_key(|e| e.2).map_or("0-0", |e| e.0);
+        eval.arg(queue).arg(p).arg(lo).arg(hi).arg(list.len());
+        for (id, token, _) in list {
+            eval.arg(id).arg(token);
         }
     }
 }
@@ -120,8 +160,8 @@ enum Consumed {
     },
 }
 
-/// The envelope of a stream entry whose first field is not `e` (its field `e` if it has one
-/// elsewhere), or, for an entry without one, all of its fields as text (the dead letter's `raw`).
+/// The envelope of a stream entry (its field `e`), or, for an entry without one, all of its
+/// fields as text (the dead letter's `raw`).
 fn entry_payload(fields: Vec<Value>) -> (bool, Vec<u8>) {
     let mut text = Vec::new();
     let mut it = fields.into_iter();
@@ -142,19 +182,20 @@ fn entry_payload(fields: Vec<Value>) -> (bool, Vec<u8>) {
     (false, text)
 }
 
-fn parse_consume(v: Value) -> Result<Consumed> {
+fn parse_consume(v: Value) -> Result<(Consumed, u16)> {
     let Value::Array(items) = v else {
         return Err(unexpected("consume", &v));
     };
     let n = items.first().and_then(int).ok_or_else(|| err("consume: missing count"))?;
+    let mask = items.get(1).and_then(int).and_then(|m| u16::try_from(m).ok()).unwrap_or(0);
     if n == 0 {
         let next_due =
-            items.get(1).and_then(int).and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
-        let last_ids = items.iter().skip(2).filter_map(string).collect();
-        return Ok(Consumed::Idle { next_due, last_ids });
+            items.get(2).and_then(int).and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
+        let last_ids = items.iter().skip(3).filter_map(string).collect();
+        return Ok((Consumed::Idle { next_due, last_ids }, mask));
     }
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    let mut it = items.into_iter().skip(1);
+    let mut it = items.into_iter().skip(2);
     while let (Some(q), Some(p), Some(id), Some(token), Some(fields)) =
         (it.next(), it.next(), it.next(), it.next(), it.next())
     {
@@ -178,13 +219,13 @@ fn parse_consume(v: Value) -> Result<Consumed> {
             payload,
         });
     }
-    Ok(Consumed::Deliveries(out))
+    Ok((Consumed::Deliveries(out), mask))
 }
 
 impl RedisBroker {
     /// A broker in `namespace` on `conn`.
     pub fn new(conn: RedisConnection, namespace: &str) -> Self {
-        RedisBroker { conn, keys: Keys::new(namespace), grouped: Arc::default() }
+        RedisBroker { conn, keys: Keys::new(namespace), grouped: Arc::default(), fast: Arc::default() }
     }
 
     /// The key names this broker uses.
@@ -274,16 +315,13 @@ impl RedisBroker {
         e.run(&mut self.cmd()).await.map_err(err)
     }
 
-    /// One pass of the consume script; turns undecodable entries into dead letters.
+    /// One fetch: the native fast path when it applies, else the consume script. Undecodable
+    /// entries become dead letters.
     async fn consume_once(&self, req: &ConsumeRequest) -> Result<(Vec<Delivery>, Consumed)> {
-        let mut e = self.eval(&scripts::CONSUME);
-        e.arg(&req.consumer).arg(req.max).arg(millis(req.lease)).arg(req.queues.len());
-        for q in &req.queues {
-            e.arg(q);
-        }
         let names: Arc<[Arc<str>]> = req.queues.iter().map(|q| Arc::from(q.as_str())).collect();
-        let answer = self.run_detached(e, Arc::clone(&names)).await?;
-        let raws = match parse_consume(answer)? {
+        let plan = self.plan(req);
+        let consumed = self.fetch_detached(plan, req.clone(), Arc::clone(&names)).await?;
+        let raws = match consumed {
             Consumed::Deliveries(raws) => raws,
             idle => return Ok((Vec::new(), idle)),
         };
@@ -308,26 +346,130 @@ impl RedisBroker {
         Ok((out, Consumed::Deliveries(Vec::new())))
     }
 
-    /// Run the consume script on a task of its own. A consumer that stops waiting (a worker
-    /// shutting down drops its fetch) may do so after the script leased entries on the
-    /// server: they would stay leased to nobody until their lease lapsed. Here the call always
-    /// completes, and deliveries nobody takes any more are given back at once.
-    async fn run_detached(&self, e: Eval, queues: Arc<[Arc<str>]>) -> Result<Value> {
+    /// Whether this fetch may skip the script: one queue, whose entries sit in one priority
+    /// stream (as the last script call saw it), under a backlog (the last fetch came back
+    /// full), and the script ran recently enough to have promoted due delayed envelopes and
+    /// taken back expired leases (at least every [`SCRIPT_EVERY`]).
+    fn plan(&self, req: &ConsumeRequest) -> Option<u8> {
+        let [queue] = req.queues.as_slice() else { return None };
+        let fast = self.fast.lock();
+        let (q, p) = fast.single.as_ref()?;
+        (q == queue && fast.backlog && fast.script_at.elapsed() < SCRIPT_EVERY).then_some(*p)
+    }
+
+    /// Fetch on a task of its own. A consumer that stops waiting (a worker shutting down drops
+    /// its fetch) may do so after the server leased entries to it: they would stay leased to
+    /// nobody until their lease lapsed. Here the call always completes, and deliveries nobody
+    /// takes any more are given back at once.
+    async fn fetch_detached(
+        &self,
+        fast: Option<u8>,
+        req: ConsumeRequest,
+        queues: Arc<[Arc<str>]>,
+    ) -> Result<Consumed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let answer = e.run::<Value>(&mut this.cmd()).await.map_err(err);
-            if let Err(Ok(unwanted)) = tx.send(answer) {
+            let fetched = match fast {
+                Some(p) => this.fetch_native(&req, p).await,
+                None => this.fetch_script(&req).await,
+            };
+            if let Err(Ok(Consumed::Deliveries(unwanted))) = tx.send(fetched) {
                 this.release_unwanted(unwanted, &queues).await;
             }
         });
         rx.await.map_err(|_| err("the consume call stopped before answering"))?
     }
 
-    /// Give back every delivery in a consume answer nobody waited for (lease score 0: the
-    /// next consume redelivers them first).
-    async fn release_unwanted(&self, answer: Value, queues: &[Arc<str>]) {
-        let Ok(Consumed::Deliveries(raws)) = parse_consume(answer) else { return };
+    /// The consume script: delayed promotion, expired leases, every priority in order.
+    async fn fetch_script(&self, req: &ConsumeRequest) -> Result<Consumed> {
+        let reclaim = {
+            let fast = self.fast.lock();
+            fast.reclaim_at.elapsed() >= SCRIPT_EVERY || !fast.backlog
+        };
+        let mut e = self.eval(&scripts::CONSUME);
+        e.arg(&req.consumer).arg(req.max).arg(millis(req.lease)).arg(u8::from(reclaim)).arg(req.queues.len());
+        for q in &req.queues {
+            e.arg(q);
+        }
+        let (consumed, mask) = parse_consume(e.run::<Value>(&mut self.cmd()).await.map_err(err)?)?;
+        let mut fast = self.fast.lock();
+        fast.script_at = std::time::Instant::now();
+        if reclaim {
+            fast.reclaim_at = fast.script_at;
+        }
+        fast.single = match req.queues.as_slice() {
+            [q] if mask.count_ones() == 1 => Some((q.clone(), mask.trailing_zeros() as u8)),
+            _ => None,
+        };
+        fast.backlog = matches!(&consumed, Consumed::Deliveries(d) if d.len() >= req.max);
+        Ok(consumed)
+    }
+
+    /// The fast path: a plain `XREADGROUP` on the queue's one busy stream (the PEL is the
+    /// lease, so nothing else needs recording), with `XLEN` of the other priority streams in
+    /// the same pipeline so that a newly used priority sends the next fetch back to the
+    /// script.
+    async fn fetch_native(&self, req: &ConsumeRequest, priority: u8) -> Result<Consumed> {
+        let queue = req.queues.first().map(String::as_str).unwrap_or_default();
+        let lease = millis(req.lease);
+        let owner = format!("{}~{lease}", req.consumer);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(super::keys::GROUP)
+            .arg(&owner)
+            .arg("COUNT")
+            .arg(req.max)
+            .arg("STREAMS")
+            .arg(self.keys.stream(queue, priority))
+            .arg(">");
+        for p in (0..=MAX_PRIORITY).filter(|p| *p != priority) {
+            pipe.cmd("XLEN").arg(self.keys.stream(queue, p));
+        }
+        let answers: Vec<Value> = match pipe.query_async(&mut self.cmd()).await {
+            Ok(a) => a,
+            // E.g. the group vanished: the script knows how to recover.
+            Err(e) if e.code().is_some() => {
+                self.fast.lock().single = None;
+                return self.fetch_script(req).await;
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let mut answers = answers.into_iter();
+        let entries = answers.next().map(stream_entries).unwrap_or_default();
+        let others_busy = answers.any(|a| int(&a).is_some_and(|n| n > 0));
+        let mut own_leases = redis::pipe();
+        let mut raws = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            if let Some(v) = own_lease(&fields).filter(|v| *v != lease) {
+                own_leases
+                    .cmd("XCLAIM")
+                    .arg(self.keys.stream(queue, priority))
+                    .arg(super::keys::GROUP)
+                    .arg(format!("{}~{v}", req.consumer))
+                    .arg(0)
+                    .arg(&id)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+            let (has_envelope, payload) = entry_payload(fields);
+            raws.push(Raw { queue: 0, tag: format!("{priority}:{id}"), token: 1, has_envelope, payload });
+        }
+        if !own_leases.is_empty() {
+            own_leases.query_async::<()>(&mut self.cmd()).await.map_err(err)?;
+        }
+        let mut fast = self.fast.lock();
+        fast.backlog = raws.len() >= req.max;
+        if others_busy {
+            fast.single = None;
+        }
+        Ok(Consumed::Deliveries(raws))
+    }
+
+    /// Give back deliveries nobody waited for (released: the next consume that looks for
+    /// expired leases redelivers them first).
+    async fn release_unwanted(&self, raws: Vec<Raw>, queues: &[Arc<str>]) {
         let n = raws.len();
         for raw in raws {
             let Some(queue) = queues.get(raw.queue) else { continue };
@@ -503,6 +645,10 @@ impl Broker for RedisBroker {
                     Ok(())
                 })
                 .await?;
+            if requeue && n == 1 {
+                // Our next fetch runs the script and looks for released leases first.
+                self.fast.lock().backlog = false;
+            }
             Ok(n == 1)
         })
     }
@@ -773,8 +919,8 @@ impl Broker for RedisBroker {
     }
 }
 
-/// `(entry id, field e)` of an XREADGROUP answer on one stream.
-fn broadcast_entries(v: Value) -> Vec<(String, Option<Vec<u8>>)> {
+/// `(entry id, fields)` of an XREADGROUP answer (entries of every stream it names, in order).
+fn stream_entries(v: Value) -> Vec<(String, Vec<Value>)> {
     let Value::Array(streams) = v else {
         return Vec::new();
     };
@@ -784,21 +930,36 @@ fn broadcast_entries(v: Value) -> Vec<(String, Option<Vec<u8>>)> {
         let Some(Value::Array(entries)) = parts.pop() else { continue };
         for entry in entries {
             let Value::Array(mut pair) = entry else { continue };
-            let fields = pair.pop();
+            let fields = match pair.pop() {
+                Some(Value::Array(fields)) => fields,
+                _ => Vec::new(),
+            };
             let Some(id) = pair.pop().as_ref().and_then(string) else { continue };
-            let mut env = None;
-            if let Some(Value::Array(fields)) = fields {
-                let mut it = fields.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if bytes(&k) == Some(b"e") {
-                        env = bytes(&v).map(<[u8]>::to_vec);
-                    }
-                }
-            }
-            out.push((id, env));
+            out.push((id, fields));
         }
     }
     out
+}
+
+/// The lease length (ms) an envelope asks for: the entry's field `v`.
+fn own_lease(fields: &[Value]) -> Option<u64> {
+    fields
+        .chunks_exact(2)
+        .find(|kv| bytes(&kv[0]) == Some(b"v"))
+        .and_then(|kv| int(&kv[1]))
+        .and_then(|v| u64::try_from(v).ok())
+}
+
+/// `(entry id, field e)` of an XREADGROUP answer on one stream.
+fn broadcast_entries(v: Value) -> Vec<(String, Option<Vec<u8>>)> {
+    stream_entries(v)
+        .into_iter()
+        .map(|(id, fields)| {
+            let env =
+                fields.chunks_exact(2).find(|kv| bytes(&kv[0]) == Some(b"e")).and_then(|kv| bytes(&kv[1]));
+            (id, env.map(<[u8]>::to_vec))
+        })
+        .collect()
 }
 
 fn decode_dead(id: &str, json: &[u8]) -> Result<DeadLetter> {

@@ -4,8 +4,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{ns}:q:{queue}:{priority}` | stream, group `stem` | ready and in-flight envelopes (field `e`, optional lease ms `v`) |
-//! | `{ns}:l:{queue}` | sorted set | leases: member `{priority}:{entry id}:{token}`, score = deadline ms (0 = released) |
+//! | `{ns}:q:{queue}:{priority}` | stream, group `stem` | ready and in-flight envelopes (field `e`, optional lease ms `v`); the group's pending entries are the leases (owner `{worker}~{lease ms}`, delivery count = token) |
 //! | `{ns}:d:{queue}` | sorted set | delayed envelopes: member `{priority}\|{lease ms}\|{json}`, score = due ms |
 //! | `{ns}:dlq:{queue}` | hash | dead letters: DLQ id → `DeadLetter` JSON |
 //! | `{ns}:dlqi:{queue}` | sorted set | DLQ ids in order (score = id) |
@@ -42,11 +41,6 @@ impl Keys {
     /// Stream of `queue` at `priority` (0–9).
     pub fn stream(&self, queue: &str, priority: u8) -> String {
         format!("{}:q:{queue}:{priority}", self.ns)
-    }
-
-    /// Lease sorted set of `queue`.
-    pub fn leases(&self, queue: &str) -> String {
-        format!("{}:l:{queue}", self.ns)
     }
 
     /// Delayed sorted set of `queue`.
@@ -105,7 +99,6 @@ mod tests {
         let id = TaskId::new();
         for key in [
             k.stream("q", 9),
-            k.leases("q"),
             k.delayed("q"),
             k.dlq("q"),
             k.dlq_index("q"),

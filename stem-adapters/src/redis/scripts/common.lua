@@ -8,7 +8,6 @@ local function now_ms()
 end
 
 local function k_stream(q, p) return ns .. ':q:' .. q .. ':' .. p end
-local function k_leases(q) return ns .. ':l:' .. q end
 local function k_delayed(q) return ns .. ':d:' .. q end
 local function k_dlq(q) return ns .. ':dlq:' .. q end
 local function k_dlqi(q) return ns .. ':dlqi:' .. q end
@@ -39,26 +38,68 @@ local function store(q, p, due, vis, env, now)
   end
 end
 
--- Leases are members "{priority}:{entry id}:{token}" of the queue's lease ZSET; the token
--- (fencing number) grows with each delivery of the entry. A receipt (tag "{priority}:{entry
--- id}", token) is live when its member exists and was not released (score 0).
--- Returns the stream key, the entry id, the lease member and its deadline, or nil.
-local function check(q, tag, token)
-  local member = tag .. ':' .. token
-  local sc = redis.call('ZSCORE', k_leases(q), member)
-  if not sc then return nil end
-  sc = tonumber(sc)
-  if sc == 0 then return nil end
-  local p, id = string.match(tag, '^(%d):(.+)$')
-  if not p then return nil end
-  return k_stream(q, p), id, member, sc
+-- Leases live in each stream's pending entries list (PEL) of group G. A delivery's owner is
+-- the consumer "<worker>~<lease ms>", so the PEL itself says how long each lease lasts: a
+-- delivery has expired once its idle time reaches that lease ("~0": released, ready again at
+-- once). The PEL's delivery counter is the fencing token: XREADGROUP gives 1 and every
+-- reclaim (XCLAIM without JUSTID) adds one; renewals and releases re-claim with JUSTID, which
+-- resets the idle time (and owner) but keeps the token. A receipt (tag "<priority>:<entry
+-- id>", token) is live while its entry is pending with that token.
+
+-- Lease length in ms from an owner name (0 when it has none).
+local function lease_of(owner)
+  return tonumber(string.match(owner, '~(%d+)$')) or 0
 end
 
--- Remove a delivery for good: acknowledge, delete the entry, drop its lease.
-local function finish(q, member, sk, id)
+-- The owner name without its lease.
+local function owner_base(owner)
+  return string.match(owner, '^(.*)~%d+$') or owner
+end
+
+-- For a live receipt: the stream key, the entry id, its owner, idle ms and lease ms; else nil.
+local function check(q, tag, token)
+  local p = string.sub(tag, 1, 1)
+  if string.sub(tag, 2, 2) ~= ':' or not string.match(p, '^%d$') then return nil end
+  local sk, id = k_stream(q, p), string.sub(tag, 3)
+  local r = redis.pcall('XPENDING', sk, G, id, id, 1)
+  if type(r) ~= 'table' or r.err or not r[1] then return nil end
+  local e = r[1]
+  if tonumber(e[4]) ~= tonumber(token) then return nil end
+  return sk, id, e[2], tonumber(e[3]), lease_of(e[2])
+end
+
+-- Remove a delivery for good: acknowledge and delete the entry.
+local function finish(sk, id)
   redis.call('XACK', sk, G, id)
   redis.call('XDEL', sk, id)
-  redis.call('ZREM', k_leases(q), member)
+end
+
+-- Pending deliveries of stream `sk` whose lease has run out: {{id, token}, ...} (oldest
+-- first, at most `max`), plus the ms until the next live lease runs out (-1: none; only
+-- computed when `full`). Cheap when nothing expired: the PEL summary names the owners, and
+-- unless `full` only entries idle at least the shortest owner lease are listed.
+local function expired_leases(sk, max, full)
+  local summary = redis.pcall('XPENDING', sk, G)
+  if type(summary) ~= 'table' or summary.err or tonumber(summary[1]) == 0 then return {}, -1 end
+  local shortest = 0
+  if not full then
+    shortest = nil
+    for _, c in ipairs(summary[4]) do
+      local l = lease_of(c[1])
+      if not shortest or l < shortest then shortest = l end
+    end
+  end
+  local out = {}
+  local next_due = -1
+  for _, e in ipairs(redis.call('XPENDING', sk, G, 'IDLE', shortest or 0, '-', '+', 1000)) do
+    local left = lease_of(e[2]) - tonumber(e[3])
+    if left <= 0 then
+      if #out < max then out[#out + 1] = {e[1], tonumber(e[4])} end
+    elseif next_due < 0 or left < next_due then
+      next_due = left
+    end
+  end
+  return out, next_due
 end
 
 -- Append a dead-letter record (JSON without its id; the id is the hash field).

@@ -1,5 +1,5 @@
 -- finish: the worker's common case in one call. ARGV = ns, ttl_ms, number of records, the
--- records (three arguments each, see status_lib.lua), then the receipts grouped by queue (see
+-- records (three arguments each, see status_lib.lua), then the receipts grouped by stream (see
 -- ack_lib.lua). Records are written before the deliveries are finished, atomically.
 -- Returns how many deliveries were finished.
 local last = 3 + tonumber(ARGV[3]) * 3
