@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use super::batch;
@@ -22,6 +23,12 @@ use crate::backend::{
 use crate::envelope::{Envelope, TaskId};
 use crate::error::{Error, Result};
 use crate::producer::Stem;
+
+/// Most envelopes of one canvas start published in one call.
+const PUBLISH_BATCH: usize = 1_000;
+
+/// Publish calls of one canvas start in flight at once.
+const PUBLISH_IN_FLIGHT: usize = 4;
 
 /// What starting pieces of a canvas needs done, in order: groups created, envelopes
 /// published, then the groups' own `queued` records (the proof a group was started).
@@ -87,8 +94,24 @@ impl Effects {
         let backend = stem.backend();
         futures_util::future::try_join_all(self.inits.iter().map(|(id, n)| backend.group_init(*id, *n)))
             .await?;
-        if !self.envelopes.is_empty() {
-            stem.publish(self.envelopes).await?;
+        if self.envelopes.len() <= PUBLISH_BATCH {
+            if !self.envelopes.is_empty() {
+                stem.publish(self.envelopes).await?;
+            }
+        } else {
+            // A big group: publish it in batches, a few in flight at once, so the first
+            // members are ready for workers while the rest are still being sent (and each
+            // batch is small enough for an adapter to store records and envelopes together).
+            let mut envelopes = self.envelopes;
+            let mut batches = Vec::with_capacity(envelopes.len().div_ceil(PUBLISH_BATCH));
+            while !envelopes.is_empty() {
+                let rest = envelopes.split_off(envelopes.len().min(PUBLISH_BATCH));
+                batches.push(std::mem::replace(&mut envelopes, rest));
+            }
+            futures_util::stream::iter(batches.into_iter().map(|batch| stem.publish(batch)))
+                .buffered(PUBLISH_IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await?;
         }
         if !self.groups.is_empty() {
             backend.set(self.groups).await?;
