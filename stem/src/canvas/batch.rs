@@ -3,11 +3,12 @@
 //! call on Redis) instead of one `group_record` round trip each, and every caller gets its own
 //! counts back.
 //!
-//! This is group commit: per backend handle, at most one batch is in flight; records that
-//! arrive meanwhile wait for it and form the next batch. There is no timer: the flush waits
-//! only for one turn of the scheduler (so executors that are ready to run right now add their
-//! records first), then sends whatever is queued. An idle worker therefore pays no delay,
-//! and a busy one sends about one call per round of finished deliveries.
+//! A flush gathers the records that arrive within one turn of the scheduler (the executors
+//! woken by the same fetch, which finish together), then sends them in one call; records
+//! that arrive after it has taken the queue start the next flush. There is no timer, and a
+//! flush never waits for an earlier one: an idle worker pays no delay, and a slow call holds
+//! up only the records in it. (Backends without a native batch, which run every record as its
+//! own `group_record` call, therefore behave as if the records were not batched.)
 //!
 //! Guarantees are those of `group_record`, per caller: a caller returns only once its own
 //! record was applied (or with an error, and the worker then retries the delivery, never
@@ -26,9 +27,6 @@ use tokio::sync::oneshot;
 
 use crate::backend::{GroupCounts, MemberRecord, ResultBackend};
 use crate::error::{Error, Result};
-
-/// Most records sent in one call.
-const MAX_BATCH: usize = 512;
 
 /// Why a caller's record has no answer of its own.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +53,7 @@ struct Batcher {
 #[derive(Default)]
 struct Queue {
     waiting: Vec<(MemberRecord, Reply)>,
-    /// A flush task is running; it takes everything queued before it stops.
+    /// A flush task is gathering records; it will take everything queued.
     flushing: bool,
 }
 
@@ -99,69 +97,59 @@ pub(crate) async fn record_member(
     rx.await.map_err(|_| Error::backend(BatchError::Abandoned))?
 }
 
-/// Send queued records until the queue is empty.
+/// Gather for one scheduler turn, take the queue, send it in one call, answer each caller.
 async fn flush(batcher: Arc<Batcher>, backend: Arc<dyn ResultBackend>) {
-    let mut guard = FlushGuard { batcher: &batcher, in_flight: Vec::new(), done: false };
+    let mut guard = FlushGuard { batcher: &batcher, taken: false };
     // One scheduler turn: executors already woken add their records to this batch.
     tokio::task::yield_now().await;
-    loop {
-        let batch = {
-            let mut queue = batcher.state.lock();
-            if queue.waiting.is_empty() {
-                queue.flushing = false;
-                guard.done = true;
-                return;
+    let batch = {
+        let mut queue = batcher.state.lock();
+        queue.flushing = false;
+        std::mem::take(&mut queue.waiting)
+    };
+    guard.taken = true;
+    if batch.is_empty() {
+        return;
+    }
+    // If this task ends while the call is out (a panic, its runtime shutting down), the reply
+    // senders are dropped with it and every caller of the batch gets an error.
+    let (records, replies): (Vec<MemberRecord>, Vec<Reply>) = batch.into_iter().unzip();
+    let n = records.len();
+    match backend.group_record_many(records).await {
+        Ok(results) if results.len() == n => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
             }
-            let take = queue.waiting.len().min(MAX_BATCH);
-            queue.waiting.drain(..take).collect::<Vec<_>>()
-        };
-        let records: Vec<MemberRecord>;
-        (records, guard.in_flight) = batch.into_iter().unzip();
-        let n = records.len();
-        let answer = backend.group_record_many(records).await;
-        let replies = std::mem::take(&mut guard.in_flight);
-        match answer {
-            Ok(results) if results.len() == n => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
+        }
+        Ok(results) => {
+            let answers = results.len();
+            tracing::error!(records = n, answers, "group_record_many answered the wrong number of results");
+            for reply in replies {
+                let _ = reply.send(Err(Error::backend(BatchError::Mismatch { records: n, answers })));
             }
-            Ok(results) => {
-                let answers = results.len();
-                tracing::error!(
-                    records = n,
-                    answers,
-                    "group_record_many answered the wrong number of results"
-                );
-                for reply in replies {
-                    let _ = reply.send(Err(Error::backend(BatchError::Mismatch { records: n, answers })));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for reply in replies {
-                    let failed = BatchError::Failed { records: n, message: message.clone() };
-                    let _ = reply.send(Err(Error::backend(failed)));
-                }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for reply in replies {
+                let failed = BatchError::Failed { records: n, message: message.clone() };
+                let _ = reply.send(Err(Error::backend(failed)));
             }
         }
     }
 }
 
-/// If a flush ends without emptying the queue (a panic, or its task dropped when the runtime
-/// shuts down), let the next record start a new flush, then fail the records of the batch in
-/// flight and those still queued (their reply senders are dropped): their callers retry their
-/// deliveries instead of waiting forever. The flag is cleared first, so a caller that retries
-/// at once starts a new flush.
+/// If a flush ends before it took the queue (its task dropped while gathering, when the
+/// runtime shuts down), let the next record start a new flush and fail the records queued
+/// for this one (their reply senders are dropped): their callers retry their deliveries
+/// instead of waiting forever.
 struct FlushGuard<'a> {
     batcher: &'a Batcher,
-    in_flight: Vec<Reply>,
-    done: bool,
+    taken: bool,
 }
 
 impl Drop for FlushGuard<'_> {
     fn drop(&mut self) {
-        if self.done {
+        if self.taken {
             return;
         }
         let waiting = {
@@ -170,7 +158,6 @@ impl Drop for FlushGuard<'_> {
             std::mem::take(&mut queue.waiting)
         };
         drop(waiting);
-        self.in_flight.clear();
     }
 }
 
@@ -285,95 +272,82 @@ mod tests {
         }
     }
 
-    fn queued(backend: &Arc<dyn ResultBackend>) -> usize {
-        batcher_for(backend).state.lock().waiting.len()
+    /// Record every member from one task (`join_all` polls them all before the flush task
+    /// can run on this single-threaded runtime): they form one batch.
+    async fn record_all(
+        backend: &Arc<dyn ResultBackend>,
+        records: Vec<MemberRecord>,
+    ) -> Vec<Result<GroupCounts>> {
+        futures_util::future::join_all(records.into_iter().map(|r| record_member(backend, r))).await
     }
 
-    /// Wait (without sleeping) until `n` records are queued behind the batch in flight.
-    async fn until_queued(backend: &Arc<dyn ResultBackend>, n: usize) {
-        while queued(backend) < n {
-            tokio::task::yield_now().await;
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn records_arriving_during_a_call_go_out_together_with_their_own_counts() {
+    #[tokio::test]
+    async fn records_of_one_turn_go_out_in_one_call_each_with_its_own_counts() {
         let probe = Probe::new();
-        let (release, hold) = oneshot::channel();
-        *probe.hold_first.lock() = Some(hold);
         let backend: Arc<dyn ResultBackend> = probe.clone();
         let g = TaskId::new();
         backend.group_init(g, 32).await.unwrap();
-
-        let b = Arc::clone(&backend);
-        let first = tokio::spawn(async move { record_member(&b, member(g, 0)).await });
-        probe.entered.notified().await;
-        let mut rest = Vec::new();
-        for index in 1..32 {
-            let b = Arc::clone(&backend);
-            rest.push(tokio::spawn(async move { record_member(&b, member(g, index)).await }));
-        }
-        until_queued(&backend, 31).await;
-        release.send(()).unwrap();
-
-        assert_eq!(first.await.unwrap().unwrap().succeeded, 1);
-        let mut seen: Vec<usize> = Vec::new();
-        for r in rest {
-            let counts = r.await.unwrap().unwrap();
-            assert_eq!(counts.total, 32);
-            seen.push(counts.succeeded);
-        }
-        seen.sort_unstable();
-        // One batch of 31 applied in order: each caller sees the counts right after its own
-        // record, so the one applied last (and only it) sees the group complete.
-        assert_eq!(seen, (2..=32).collect::<Vec<_>>());
-        assert_eq!(*probe.calls.lock(), vec![1, 31], "two calls for 32 records");
+        let results = record_all(&backend, (0..32).map(|i| member(g, i)).collect()).await;
+        let seen: Vec<usize> = results.into_iter().map(|r| r.unwrap().succeeded).collect();
+        // Applied in order: each caller sees the counts right after its own record, so the
+        // one applied last (and only it) sees the group complete.
+        assert_eq!(seen, (1..=32).collect::<Vec<_>>());
+        assert_eq!(*probe.calls.lock(), vec![32], "one call for 32 records");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn a_record_error_is_only_its_callers() {
+        let probe = Probe::new();
+        let backend: Arc<dyn ResultBackend> = probe.clone();
+        let g = TaskId::new();
+        backend.group_init(g, 2).await.unwrap();
+        let results =
+            record_all(&backend, vec![member(g, 0), member(TaskId::new(), 0), member(g, 7), member(g, 1)])
+                .await;
+        assert_eq!(*probe.calls.lock(), vec![4]);
+        assert_eq!(results[0].as_ref().unwrap().succeeded, 1);
+        assert!(results[1].is_err(), "unknown group");
+        assert!(results[2].is_err(), "index out of range");
+        assert!(results[3].as_ref().unwrap().is_done(), "the valid records of the batch are applied");
+    }
+
+    #[tokio::test]
+    async fn a_slow_call_holds_up_only_its_own_records() {
         let probe = Probe::new();
         let (release, hold) = oneshot::channel();
         *probe.hold_first.lock() = Some(hold);
         let backend: Arc<dyn ResultBackend> = probe.clone();
         let g = TaskId::new();
         backend.group_init(g, 2).await.unwrap();
-
         let b = Arc::clone(&backend);
-        let first = tokio::spawn(async move { record_member(&b, member(g, 0)).await });
+        let slow = tokio::spawn(async move { record_member(&b, member(g, 0)).await });
         probe.entered.notified().await;
-        let b = Arc::clone(&backend);
-        let unknown = tokio::spawn(async move { record_member(&b, member(TaskId::new(), 0)).await });
-        let b = Arc::clone(&backend);
-        let out_of_range = tokio::spawn(async move { record_member(&b, member(g, 7)).await });
-        let b = Arc::clone(&backend);
-        let ok = tokio::spawn(async move { record_member(&b, member(g, 1)).await });
-        until_queued(&backend, 3).await;
+        // The first call is held; a record arriving now goes out in a call of its own.
+        assert_eq!(record_member(&backend, member(g, 1)).await.unwrap().succeeded, 1);
         release.send(()).unwrap();
-
-        first.await.unwrap().unwrap();
-        assert!(unknown.await.unwrap().is_err(), "unknown group");
-        assert!(out_of_range.await.unwrap().is_err(), "index out of range");
-        let counts = ok.await.unwrap().unwrap();
-        assert!(counts.is_done(), "the valid record of the same batch is applied: {counts:?}");
-        assert_eq!(*probe.calls.lock(), vec![1, 3]);
+        assert!(slow.await.unwrap().unwrap().is_done());
+        assert_eq!(*probe.calls.lock(), vec![1, 1]);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn a_failed_call_fails_every_caller_of_that_batch_and_the_next_one_works() {
         let probe = Probe::new();
         probe.fail_calls.store(1, std::sync::atomic::Ordering::SeqCst);
         let backend: Arc<dyn ResultBackend> = probe.clone();
         let g = TaskId::new();
-        backend.group_init(g, 1).await.unwrap();
-        let e = record_member(&backend, member(g, 0)).await.unwrap_err();
-        assert!(e.to_string().contains("backend down"), "{e}");
+        backend.group_init(g, 2).await.unwrap();
+        let results = record_all(&backend, vec![member(g, 0), member(g, 1)]).await;
+        for r in results {
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains("backend down"), "{e}");
+        }
         assert_eq!(backend.group_get(g).await.unwrap().unwrap().counts.completed(), 0);
-        // The retry (a redelivery) records it.
-        assert!(record_member(&backend, member(g, 0)).await.unwrap().is_done());
+        // The retries (redeliveries) record them.
+        let results = record_all(&backend, vec![member(g, 0), member(g, 1)]).await;
+        assert!(results[1].as_ref().unwrap().is_done());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn a_panicking_call_fails_its_callers_instead_of_leaving_them_waiting() {
         let probe = Probe::new();
         probe.panic_calls.store(1, std::sync::atomic::Ordering::SeqCst);
