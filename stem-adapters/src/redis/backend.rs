@@ -555,7 +555,7 @@ impl ResultBackend for RedisBackend {
         })
     }
 
-    /// One `group_record_many` script call per [`RECORD_CHUNK`] records (one for a worker's
+    /// One `group_record_many` script call per `RECORD_CHUNK` records (one for a worker's
     /// batch), atomic like `group_record` and idempotent per index.
     fn group_record_many(
         &self,
