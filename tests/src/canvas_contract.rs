@@ -7,14 +7,18 @@
 //! and "never" are asserted on a quiet system, never after a hopeful sleep.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use stem::backend::{ResultBackend, TaskState};
-use stem::broker::Broker;
+use stem::backend::{
+    GroupCounts, GroupState, MemberOutcome, MemberRecord, Progress, ResultBackend, TaskState, TaskStatus,
+    WorkerHeartbeat,
+};
+use stem::broker::{BoxFuture, Broker};
 use stem::canvas::{CanvasFailure, Group, NoInput, StepExt};
 use stem::prelude::*;
-use stem::{Registry, Worker, WorkerConfig, WorkerHandle};
+use stem::{Registry, TaskId, Worker, WorkerConfig, WorkerHandle};
 use tokio::time::Instant;
 
 use crate::{Harness, namespace};
@@ -104,6 +108,24 @@ impl CanvasEnv {
 
     /// Like [`CanvasEnv::new`], with every backend handle keeping results for `ttl`.
     pub async fn with_ttl(h: &impl Harness, workers: usize, ttl: Duration) -> Self {
+        Self::build(h, workers, ttl, |b| b).await
+    }
+
+    /// Like [`CanvasEnv::new`], each worker's backend handle passed through `wrap` first.
+    pub async fn with_worker_backends(
+        h: &impl Harness,
+        workers: usize,
+        wrap: impl Fn(Arc<dyn ResultBackend>) -> Arc<dyn ResultBackend>,
+    ) -> Self {
+        Self::build(h, workers, TTL, wrap).await
+    }
+
+    async fn build(
+        h: &impl Harness,
+        workers: usize,
+        ttl: Duration,
+        wrap: impl Fn(Arc<dyn ResultBackend>) -> Arc<dyn ResultBackend>,
+    ) -> Self {
         let ns = namespace();
         let broker = h.broker(&ns).await;
         let backend = h.backend(&ns, ttl).await;
@@ -118,7 +140,7 @@ impl CanvasEnv {
             config.heartbeat_interval = Duration::from_millis(500);
             config.shutdown_grace = Duration::from_secs(10);
             // Each worker has its own adapter handles and its own producer.
-            let worker = Worker::builder(h.broker(&ns).await, h.backend(&ns, ttl).await)
+            let worker = Worker::builder(h.broker(&ns).await, wrap(h.backend(&ns, ttl).await))
                 .registry(Arc::clone(&registry))
                 .config(config)
                 .build()
@@ -396,4 +418,98 @@ pub async fn canvas_state_expires_with_the_result_ttl(h: &impl Harness) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(records(&tag).len(), 1, "{}: the callback ran once", h.name());
+}
+
+/// A backend handle whose group member records fail (as a backend outage would) until
+/// `failures` calls have failed; everything else goes to the real backend.
+struct FailingMemberRecords {
+    inner: Arc<dyn ResultBackend>,
+    failures: Arc<AtomicUsize>,
+}
+
+impl FailingMemberRecords {
+    fn fail(&self) -> bool {
+        self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+impl ResultBackend for FailingMemberRecords {
+    fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, stem::Result<()>> {
+        self.inner.set(statuses)
+    }
+    fn get(&self, id: TaskId) -> BoxFuture<'_, stem::Result<Option<TaskStatus>>> {
+        self.inner.get(id)
+    }
+    fn wait(&self, id: TaskId, timeout: Duration) -> BoxFuture<'_, stem::Result<Option<TaskStatus>>> {
+        self.inner.wait(id, timeout)
+    }
+    fn progress(&self, id: TaskId, progress: Progress) -> BoxFuture<'_, stem::Result<()>> {
+        self.inner.progress(id, progress)
+    }
+    fn forget(&self, id: TaskId) -> BoxFuture<'_, stem::Result<()>> {
+        self.inner.forget(id)
+    }
+    fn group_init(&self, group: TaskId, total: usize) -> BoxFuture<'_, stem::Result<()>> {
+        self.inner.group_init(group, total)
+    }
+    fn group_record(
+        &self,
+        group: TaskId,
+        index: usize,
+        outcome: MemberOutcome,
+    ) -> BoxFuture<'_, stem::Result<GroupCounts>> {
+        if self.fail() {
+            return Box::pin(async { Err(stem::Error::backend("member records are down")) });
+        }
+        self.inner.group_record(group, index, outcome)
+    }
+    fn group_record_many(
+        &self,
+        records: Vec<MemberRecord>,
+    ) -> BoxFuture<'_, stem::Result<Vec<stem::Result<GroupCounts>>>> {
+        if self.fail() {
+            return Box::pin(async { Err(stem::Error::backend("member records are down")) });
+        }
+        self.inner.group_record_many(records)
+    }
+    fn group_get(&self, group: TaskId) -> BoxFuture<'_, stem::Result<Option<GroupState>>> {
+        self.inner.group_get(group)
+    }
+    fn chord_claim(&self, group: TaskId) -> BoxFuture<'_, stem::Result<bool>> {
+        self.inner.chord_claim(group)
+    }
+    fn heartbeat(&self, heartbeat: WorkerHeartbeat, ttl: Duration) -> BoxFuture<'_, stem::Result<()>> {
+        self.inner.heartbeat(heartbeat, ttl)
+    }
+    fn workers(&self) -> BoxFuture<'_, stem::Result<Vec<WorkerHeartbeat>>> {
+        self.inner.workers()
+    }
+}
+
+/// Member bookkeeping that fails (the backend's member records down for the first calls)
+/// puts the deliveries back instead of acking them: the members run again, every member is
+/// still counted once, and the chord calls back exactly once with the outputs in order.
+pub async fn failed_member_records_retry_the_delivery(h: &impl Harness) {
+    let failures = Arc::new(AtomicUsize::new(3));
+    let f = Arc::clone(&failures);
+    let env = CanvasEnv::with_worker_backends(h, 2, move |inner| {
+        Arc::new(FailingMemberRecords { inner, failures: Arc::clone(&f) }) as Arc<dyn ResultBackend>
+    })
+    .await;
+    let tag = env.tag.clone();
+    let runs = format!("{tag}:runs");
+    let header: Group<NoInput, i64> = Group::of((0..30).map(|i| note::new(i, runs.clone())));
+    let handle = env.stem.enqueue_canvas(header.chord(sum::partial(tag.clone()))).await.unwrap();
+    assert_eq!(handle.wait(WAIT).await.unwrap(), (0..30).sum::<i64>(), "{}", h.name());
+    env.drain().await;
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "{}: the member records failed", h.name());
+    let ran = records(&runs);
+    assert!(ran.len() > 30, "{}: members whose bookkeeping failed ran again ({} runs)", h.name(), ran.len());
+    let distinct: std::collections::HashSet<i64> = ran.iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(distinct.len(), 30, "{}: every member ran", h.name());
+    let counts = handle.progress().await.unwrap().expect("header state");
+    assert_eq!((counts.total, counts.succeeded, counts.failed), (30, 30, 0), "{}: counted once", h.name());
+    let calls = records(&tag);
+    assert_eq!(calls.len(), 1, "{}: the callback ran exactly once", h.name());
+    assert_eq!(calls[0], serde_json::json!((0..30).collect::<Vec<i64>>()), "{}: member order", h.name());
 }

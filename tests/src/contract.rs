@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 use stem::backend::{
-    GroupCounts, MemberOutcome, Progress, TaskFailure, TaskState, TaskStatus, WorkerHeartbeat,
+    GroupCounts, MemberOutcome, MemberRecord, Progress, TaskFailure, TaskState, TaskStatus, WorkerHeartbeat,
 };
 use stem::broker::{Broker, ConsumeRequest, Delivery};
 use stem::{Envelope, TaskId};
@@ -561,6 +561,83 @@ pub async fn concurrent_group_records_see_the_group_complete(h: &impl Harness) {
     assert_eq!(state.counts, GroupCounts { total: 40, succeeded: 39, failed: 1 }, "{}", h.name());
     assert!(state.members.iter().all(Option::is_some));
     assert_eq!(state.members[5].as_ref().and_then(|m| m.result.clone()), Some(json!(5)));
+}
+
+fn member(group: TaskId, index: usize, state: TaskState, n: i64) -> MemberRecord {
+    MemberRecord { group, index, outcome: outcome(state, n) }
+}
+
+/// `group_record_many` applies each record as `group_record` would, across groups in one
+/// call: one result per record in order, a bad record's error is its own, the first outcome
+/// per index wins and counts once (within a call and across calls), and the record that
+/// completes a group sees it complete.
+pub async fn group_record_many_records_each_member_once(h: &impl Harness) {
+    let k = h.backend(&namespace(), TTL).await;
+    let (g1, g2) = (TaskId::new(), TaskId::new());
+    k.group_init(g1, 3).await.unwrap();
+    k.group_init(g2, 2).await.unwrap();
+    assert!(k.group_record_many(Vec::new()).await.unwrap().is_empty(), "{}: empty batch", h.name());
+
+    let results = k
+        .group_record_many(vec![
+            member(g1, 0, TaskState::Succeeded, 0),
+            member(g2, 1, TaskState::Failed, 0),
+            member(TaskId::new(), 0, TaskState::Succeeded, 0),
+            member(g1, 3, TaskState::Succeeded, 0),
+            member(g1, 1, TaskState::Succeeded, 10),
+            member(g2, 0, TaskState::Succeeded, 20),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 6, "{}: one result per record", h.name());
+    assert!(results[2].is_err(), "{}: unknown group", h.name());
+    assert!(results[3].is_err(), "{}: index out of range", h.name());
+    let ok: Vec<GroupCounts> = [0, 1, 4, 5].iter().map(|&i| *results[i].as_ref().unwrap()).collect();
+    for (c, total) in ok.iter().zip([3, 2, 3, 2]) {
+        assert_eq!(c.total, total, "{}: {c:?}", h.name());
+        assert!(c.completed() >= 1, "{}: counts are read after the record: {c:?}", h.name());
+    }
+    assert!(ok[1].is_done() || ok[3].is_done(), "{}: a record completing g2 sees it complete", h.name());
+    assert!(!ok[0].is_done() && !ok[2].is_done(), "{}: g1 has a member missing", h.name());
+
+    // A redelivery records the same indexes again (with other outcomes), plus the last one.
+    let again = k
+        .group_record_many(vec![
+            member(g1, 1, TaskState::Failed, 0),
+            member(g1, 2, TaskState::Succeeded, 30),
+            member(g2, 1, TaskState::Succeeded, 99),
+        ])
+        .await
+        .unwrap();
+    let again: Vec<GroupCounts> = again.into_iter().map(Result::unwrap).collect();
+    assert!(again[1].is_done(), "{}: the record completing g1 sees it complete", h.name());
+    assert_eq!(again[2], GroupCounts { total: 2, succeeded: 1, failed: 1 }, "{}", h.name());
+
+    let s1 = k.group_get(g1).await.unwrap().unwrap();
+    assert_eq!(s1.counts, GroupCounts { total: 3, succeeded: 3, failed: 0 }, "{}: counted once", h.name());
+    let results: Vec<_> = s1.members.iter().map(|m| m.as_ref().and_then(|m| m.result.clone())).collect();
+    assert_eq!(
+        results,
+        vec![Some(json!(0)), Some(json!(10)), Some(json!(30))],
+        "{}: first write wins",
+        h.name()
+    );
+    let s2 = k.group_get(g2).await.unwrap().unwrap();
+    assert_eq!(s2.counts, GroupCounts { total: 2, succeeded: 1, failed: 1 }, "{}", h.name());
+    assert_eq!(s2.members[1].as_ref().map(|m| m.state), Some(TaskState::Failed), "{}", h.name());
+
+    // One big call with every index twice (as concurrent redeliveries would send them).
+    let g3 = TaskId::new();
+    k.group_init(g3, 300).await.unwrap();
+    let records = (0..300).chain(0..300).map(|i| member(g3, i, TaskState::Succeeded, i as i64)).collect();
+    let results = k.group_record_many(records).await.unwrap();
+    assert_eq!(results.len(), 600);
+    let counts: Vec<GroupCounts> = results.into_iter().map(Result::unwrap).collect();
+    assert!(counts.iter().all(|c| c.completed() <= 300), "{}", h.name());
+    assert!(counts.iter().any(GroupCounts::is_done), "{}: some record sees g3 complete", h.name());
+    let s3 = k.group_get(g3).await.unwrap().unwrap();
+    assert_eq!(s3.counts, GroupCounts { total: 300, succeeded: 300, failed: 0 }, "{}", h.name());
+    assert_eq!(s3.members[123].as_ref().and_then(|m| m.result.clone()), Some(json!(123)));
 }
 
 pub async fn chord_claim_has_exactly_one_winner(h: &impl Harness) {

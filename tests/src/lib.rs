@@ -101,6 +101,7 @@ macro_rules! contract_tests {
             backend_progress_is_stored,
             group_counts_are_idempotent_per_member,
             concurrent_group_records_see_the_group_complete,
+            group_record_many_records_each_member_once,
             chord_claim_has_exactly_one_winner,
             heartbeats_expire
         );
@@ -211,6 +212,7 @@ macro_rules! canvas_tests {
             immutable_steps_ignore_the_previous_output,
             group_progress_counts_failures,
             duplicate_deliveries_start_nothing_twice,
+            failed_member_records_retry_the_delivery,
             canvas_state_expires_with_the_result_ttl
         );
     };

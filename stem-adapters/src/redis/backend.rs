@@ -13,7 +13,8 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Value};
 use stem::TaskId;
 use stem::backend::{
-    GroupCounts, GroupState, MemberOutcome, Progress, ResultBackend, TaskState, TaskStatus, WorkerHeartbeat,
+    GroupCounts, GroupState, MemberOutcome, MemberRecord, Progress, ResultBackend, TaskState, TaskStatus,
+    WorkerHeartbeat,
 };
 use stem::broker::BoxFuture;
 use stem::{Error, Result};
@@ -28,6 +29,9 @@ const UNSUBSCRIBE_BATCH_DELAY: Duration = Duration::from_millis(20);
 
 /// Most records written by one script call.
 const SET_CHUNK: usize = 2_000;
+
+/// Most group members recorded by one `group_record_many` script call.
+const RECORD_CHUNK: usize = 1_000;
 
 fn err(e: impl Into<stem::error::BoxError>) -> Error {
     Error::backend(e)
@@ -436,6 +440,21 @@ fn on_message(inner: &Arc<Inner>, data: &[Value]) {
     }
 }
 
+/// A group script's answer for one record: `{total, succeeded, failed}`, or `{-1, ..}` for an
+/// unknown group, `{-2, ..}` for an index out of range.
+fn group_counts(group: TaskId, index: usize, counts: &[i64]) -> Result<GroupCounts> {
+    match counts {
+        [-1, ..] => Err(err(format!("group {group} does not exist or has expired"))),
+        [-2, ..] => Err(err(format!("group {group} has no member {index}"))),
+        [total, s, f] => Ok(GroupCounts {
+            total: usize::try_from(*total).unwrap_or(0),
+            succeeded: usize::try_from(*s).unwrap_or(0),
+            failed: usize::try_from(*f).unwrap_or(0),
+        }),
+        other => Err(err(format!("unexpected group counters {other:?}"))),
+    }
+}
+
 fn group_state(id: TaskId, fields: HashMap<String, Vec<u8>>) -> Result<Option<GroupState>> {
     let num = |k: &str| -> usize {
         fields.get(k).and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -528,16 +547,41 @@ impl ResultBackend for RedisBackend {
                 .arg(u8::from(outcome.state == TaskState::Succeeded))
                 .arg(serde_json::to_vec(&outcome)?);
             let counts: Vec<i64> = e.run(&mut inner.cmd()).await.map_err(err)?;
-            match counts.as_slice() {
-                [-1] => Err(err(format!("group {group} does not exist or has expired"))),
-                [-2] => Err(err(format!("group {group} has no member {index}"))),
-                [total, s, f] => Ok(GroupCounts {
-                    total: usize::try_from(*total).unwrap_or(0),
-                    succeeded: usize::try_from(*s).unwrap_or(0),
-                    failed: usize::try_from(*f).unwrap_or(0),
-                }),
-                other => Err(err(format!("unexpected group counters {other:?}"))),
+            group_counts(group, index, &counts)
+        })
+    }
+
+    /// One `group_record_many` script call per `RECORD_CHUNK` records (one for a worker's
+    /// batch), atomic like `group_record` and idempotent per index.
+    fn group_record_many(
+        &self,
+        records: Vec<MemberRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Result<GroupCounts>>>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut out = Vec::with_capacity(records.len());
+            for chunk in records.chunks(RECORD_CHUNK) {
+                let mut e = inner.eval(&scripts::GROUP_RECORD_MANY);
+                let mut id_buf = [0u8; 36];
+                for r in chunk {
+                    e.arg(&*r.group.0.as_hyphenated().encode_lower(&mut id_buf))
+                        .arg(r.index)
+                        .arg(u8::from(r.outcome.state == TaskState::Succeeded))
+                        .arg(serde_json::to_vec(&r.outcome)?);
+                }
+                let counts: Vec<i64> = e.run(&mut inner.cmd()).await.map_err(err)?;
+                if counts.len() != chunk.len() * 3 {
+                    return Err(err(format!(
+                        "group_record_many answered {} counters for {} records",
+                        counts.len(),
+                        chunk.len()
+                    )));
+                }
+                out.extend(
+                    chunk.iter().zip(counts.chunks(3)).map(|(r, c)| group_counts(r.group, r.index, c)),
+                );
             }
+            Ok(out)
         })
     }
 

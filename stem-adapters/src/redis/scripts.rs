@@ -30,6 +30,7 @@ script!(SET_STATUS, "scripts/status_lib.lua", "scripts/set_status.lua");
 script!(PROGRESS, "scripts/progress.lua");
 script!(GROUP_INIT, "scripts/group_init.lua");
 script!(GROUP_RECORD, "scripts/group_record.lua");
+script!(GROUP_RECORD_MANY, "scripts/group_record_many.lua");
 script!(CHORD_CLAIM, "scripts/chord_claim.lua");
 script!(HEARTBEAT, "scripts/heartbeat.lua");
 script!(WORKERS, "scripts/workers.lua");

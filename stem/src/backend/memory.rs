@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{
-    DEFAULT_RESULT_TTL, GroupCounts, GroupState, MemberOutcome, Progress, ResultBackend, TaskState,
-    TaskStatus, WorkerHeartbeat,
+    DEFAULT_RESULT_TTL, GroupCounts, GroupState, MemberOutcome, MemberRecord, Progress, ResultBackend,
+    TaskState, TaskStatus, WorkerHeartbeat,
 };
 use crate::broker::BoxFuture;
 use crate::envelope::TaskId;
@@ -82,6 +82,31 @@ impl State {
             w.retain(|tx| !tx.is_closed());
             !w.is_empty()
         });
+    }
+
+    /// Record one member's outcome (first outcome per index wins, counted once).
+    fn record_member(
+        &mut self,
+        group: TaskId,
+        index: usize,
+        outcome: MemberOutcome,
+        now: Instant,
+    ) -> Result<GroupCounts> {
+        let Some((g, _)) = self.groups.get_mut(&group).filter(|(_, exp)| *exp > now) else {
+            return Err(Error::backend(format!("group {group} does not exist or has expired")));
+        };
+        let Some(slot) = g.members.get_mut(index) else {
+            return Err(Error::backend(format!("group {group} has no member {index}")));
+        };
+        if slot.is_none() {
+            if outcome.state == TaskState::Succeeded {
+                g.counts.succeeded += 1;
+            } else {
+                g.counts.failed += 1;
+            }
+            *slot = Some(outcome);
+        }
+        Ok(g.counts)
     }
 
     fn live(&self, id: &TaskId, now: Instant) -> Option<&TaskStatus> {
@@ -208,22 +233,19 @@ impl ResultBackend for MemoryBackend {
     ) -> BoxFuture<'_, Result<GroupCounts>> {
         Box::pin(async move {
             let now = Instant::now();
+            self.inner.state.lock().record_member(group, index, outcome, now)
+        })
+    }
+
+    fn group_record_many(
+        &self,
+        records: Vec<MemberRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Result<GroupCounts>>>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            // One lock for the whole batch: each record sees the ones before it.
             let mut st = self.inner.state.lock();
-            let Some((g, _)) = st.groups.get_mut(&group).filter(|(_, exp)| *exp > now) else {
-                return Err(Error::backend(format!("group {group} does not exist or has expired")));
-            };
-            let Some(slot) = g.members.get_mut(index) else {
-                return Err(Error::backend(format!("group {group} has no member {index}")));
-            };
-            if slot.is_none() {
-                if outcome.state == TaskState::Succeeded {
-                    g.counts.succeeded += 1;
-                } else {
-                    g.counts.failed += 1;
-                }
-                *slot = Some(outcome);
-            }
-            Ok(g.counts)
+            Ok(records.into_iter().map(|r| st.record_member(r.group, r.index, r.outcome, now)).collect())
         })
     }
 

@@ -37,6 +37,17 @@ pub struct MemberOutcome {
     pub error: Option<TaskFailure>,
 }
 
+/// One member outcome to record, for [`ResultBackend::group_record_many`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberRecord {
+    /// The group.
+    pub group: TaskId,
+    /// The member's index in the group.
+    pub index: usize,
+    /// What the member ended with.
+    pub outcome: MemberOutcome,
+}
+
 /// How far a group has come.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupCounts {
@@ -129,6 +140,30 @@ pub trait ResultBackend: Send + Sync + 'static {
         index: usize,
         outcome: MemberOutcome,
     ) -> BoxFuture<'_, Result<GroupCounts>>;
+
+    /// Record many members' outcomes (of one group or of several) in one call, each exactly
+    /// as [`ResultBackend::group_record`] would: the first outcome per index counts, once.
+    ///
+    /// Returns one result per record, in the order given: that record's group counts, read
+    /// after the record was applied (so the call that applies a group's last member sees the
+    /// group complete), or that record's own error (unknown or expired group, index out of
+    /// range), which leaves the other records unaffected. An outer error means the call as a
+    /// whole failed: any of the records may or may not have been applied, and recording them
+    /// again is harmless.
+    ///
+    /// The default calls `group_record` for every record, concurrently; adapters that can
+    /// apply the whole batch in one round trip override it (memory: one lock; Redis: one
+    /// script call). The worker sends the member records of concurrently finishing canvas
+    /// tasks through this method.
+    fn group_record_many(
+        &self,
+        records: Vec<MemberRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Result<GroupCounts>>>> {
+        Box::pin(async move {
+            let calls = records.into_iter().map(|r| self.group_record(r.group, r.index, r.outcome));
+            Ok(futures_util::future::join_all(calls).await)
+        })
+    }
 
     /// Read a group.
     fn group_get(&self, group: TaskId) -> BoxFuture<'_, Result<Option<GroupState>>>;

@@ -48,6 +48,7 @@
 //! ([`ResultBackend::chord_claim`](crate::ResultBackend::chord_claim)), so a redelivery never
 //! starts a step twice. See `docs/canvas.md` for the guarantees in full.
 
+mod batch;
 mod callbacks;
 mod chain;
 mod chord;

@@ -11,14 +11,24 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
+use super::batch;
 use super::plan::{Continuation, Node};
 use super::{CanvasFailure, GROUP_TASK_NAME};
-use crate::backend::{GroupState, MemberOutcome, ResultBackend, TaskFailure, TaskState, TaskStatus};
+use crate::backend::{
+    GroupState, MemberOutcome, MemberRecord, ResultBackend, TaskFailure, TaskState, TaskStatus,
+};
 use crate::envelope::{Envelope, TaskId};
 use crate::error::{Error, Result};
 use crate::producer::Stem;
+
+/// Most envelopes of one canvas start published in one call.
+const PUBLISH_BATCH: usize = 1_000;
+
+/// Publish calls of one canvas start in flight at once.
+const PUBLISH_IN_FLIGHT: usize = 4;
 
 /// What starting pieces of a canvas needs done, in order: groups created, envelopes
 /// published, then the groups' own `queued` records (the proof a group was started).
@@ -84,8 +94,24 @@ impl Effects {
         let backend = stem.backend();
         futures_util::future::try_join_all(self.inits.iter().map(|(id, n)| backend.group_init(*id, *n)))
             .await?;
-        if !self.envelopes.is_empty() {
-            stem.publish(self.envelopes).await?;
+        if self.envelopes.len() <= PUBLISH_BATCH {
+            if !self.envelopes.is_empty() {
+                stem.publish(self.envelopes).await?;
+            }
+        } else {
+            // A big group: publish it in batches, a few in flight at once, so the first
+            // members are ready for workers while the rest are still being sent (and each
+            // batch is small enough for an adapter to store records and envelopes together).
+            let mut envelopes = self.envelopes;
+            let mut batches = Vec::with_capacity(envelopes.len().div_ceil(PUBLISH_BATCH));
+            while !envelopes.is_empty() {
+                let rest = envelopes.split_off(envelopes.len().min(PUBLISH_BATCH));
+                batches.push(std::mem::replace(&mut envelopes, rest));
+            }
+            futures_util::stream::iter(batches.into_iter().map(|batch| stem.publish(batch)))
+                .buffered(PUBLISH_IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await?;
         }
         if !self.groups.is_empty() {
             backend.set(self.groups).await?;
@@ -142,7 +168,7 @@ pub(crate) async fn report(
         _ => Err(failure_of(env.id, status.error.as_ref())),
     };
     let mut run = Propagation { stem, backend: stem.backend(), redelivered, finals: Vec::new() };
-    run.run(cont.clone(), outcome, env.id).await
+    run.run(cont, outcome, env.id).await
 }
 
 fn failure_of(id: TaskId, error: Option<&TaskFailure>) -> CanvasFailure {
@@ -163,9 +189,11 @@ struct Propagation<'a> {
 }
 
 impl Propagation<'_> {
+    /// Walk the continuation by reference: only what is started gets copied, so a group
+    /// member whose group is not complete yet copies nothing.
     async fn run(
         &mut self,
-        mut cont: Continuation,
+        mut cont: &Continuation,
         mut outcome: Result<Value, CanvasFailure>,
         mut source: TaskId,
     ) -> Result<()> {
@@ -176,31 +204,32 @@ impl Propagation<'_> {
                     match &outcome {
                         Ok(value) => {
                             for link in links {
-                                self.start_once(link, Some(value), Continuation::Done).await?;
+                                self.start_once(link.clone(), Some(value), Continuation::Done).await?;
                             }
                         }
                         Err(failure) => {
                             let value = serde_json::to_value(failure)?;
                             for errback in errbacks {
-                                self.start_once(errback, Some(&value), Continuation::Done).await?;
+                                self.start_once(errback.clone(), Some(&value), Continuation::Done).await?;
                             }
                         }
                     }
-                    cont = *then;
+                    cont = then;
                 }
                 Continuation::Then { next, then } => match outcome {
                     Ok(value) => {
                         // What follows `next` travels with it.
-                        self.start_once(*next, Some(&value), *then).await?;
+                        self.start_once((**next).clone(), Some(&value), (**then).clone()).await?;
                         break;
                     }
                     Err(failure) => {
-                        self.skip(&next, &failure);
+                        self.skip(next, &failure);
                         outcome = Err(failure);
-                        cont = *then;
+                        cont = then;
                     }
                 },
                 Continuation::Member { group, index, then } => {
+                    let (group, index) = (*group, *index);
                     let member = match &outcome {
                         Ok(value) => MemberOutcome {
                             task_id: source,
@@ -215,11 +244,16 @@ impl Propagation<'_> {
                             error: Some(TaskFailure::new(f.kind.clone(), f.message.clone(), false)),
                         },
                     };
-                    let counts = self.backend.group_record(group, index, member).await?;
+                    // Batched with the member records of other tasks finishing now (one
+                    // backend call for all of them); the counts are this record's own.
+                    let record = MemberRecord { group, index, outcome: member };
+                    let counts = batch::record_member(self.backend, record).await?;
+                    // The group is complete, or failed: exactly one member carries it on.
+                    // (Every member that sees a failure claims, not only failed ones: a failed
+                    // member's rerun may succeed, and the slot keeps its first outcome.)
                     if counts.failed == 0 && !counts.is_done() {
                         break;
                     }
-                    // The group is complete, or failed: exactly one member carries it on.
                     if !self.backend.chord_claim(group).await? && !self.take_over(group).await? {
                         break;
                     }
@@ -235,7 +269,7 @@ impl Propagation<'_> {
                         Err(f) => group_status(group, TaskState::Failed, None, Some(failure_record(f)), now),
                     });
                     source = group;
-                    cont = *then;
+                    cont = then;
                 }
             }
         }

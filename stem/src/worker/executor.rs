@@ -45,6 +45,11 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
     // Canvas: a chain/group/chord task carries its continuation; keep the envelope for it.
     let canvas = env.canvas.is_some().then(|| Arc::clone(&env));
     let mut record = prepare_and_run(&shared, env, receipt).await;
+    // The canvas bookkeeping runs in the task's slot, before the outcome goes to the
+    // recorder: a graceful shutdown stops the recorder once every slot is free, so a member
+    // record still out when its slot was already given back would find no recorder and the
+    // delivery would run again. It is kept short instead: member records of tasks finishing
+    // together share one backend call (`canvas::batch`).
     if let Some(env) = canvas {
         record = report_canvas(&shared, &env, redelivered, record).await;
     }
