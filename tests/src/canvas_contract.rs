@@ -167,6 +167,13 @@ impl CanvasEnv {
         }
     }
 
+    /// Stop the workers gracefully, whatever is left in the queue.
+    pub async fn shutdown(self) {
+        for w in self.workers {
+            w.shutdown().await.unwrap();
+        }
+    }
+
     /// Wait until `tag` has `n` records.
     pub async fn until_records(&self, tag: &str, n: usize) {
         let give_up = Instant::now() + WAIT;
@@ -421,10 +428,12 @@ pub async fn canvas_state_expires_with_the_result_ttl(h: &impl Harness) {
 }
 
 /// A backend handle whose group member records fail (as a backend outage would) until
-/// `failures` calls have failed; everything else goes to the real backend.
+/// `failures` calls have failed, and answer only after `delay` (a slow backend); everything
+/// else goes to the real backend.
 struct FailingMemberRecords {
     inner: Arc<dyn ResultBackend>,
     failures: Arc<AtomicUsize>,
+    delay: Duration,
 }
 
 impl FailingMemberRecords {
@@ -470,7 +479,10 @@ impl ResultBackend for FailingMemberRecords {
         if self.fail() {
             return Box::pin(async { Err(stem::Error::backend("member records are down")) });
         }
-        self.inner.group_record_many(records)
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.group_record_many(records).await
+        })
     }
     fn group_get(&self, group: TaskId) -> BoxFuture<'_, stem::Result<Option<GroupState>>> {
         self.inner.group_get(group)
@@ -493,7 +505,8 @@ pub async fn failed_member_records_retry_the_delivery(h: &impl Harness) {
     let failures = Arc::new(AtomicUsize::new(3));
     let f = Arc::clone(&failures);
     let env = CanvasEnv::with_worker_backends(h, 2, move |inner| {
-        Arc::new(FailingMemberRecords { inner, failures: Arc::clone(&f) }) as Arc<dyn ResultBackend>
+        Arc::new(FailingMemberRecords { inner, failures: Arc::clone(&f), delay: Duration::ZERO })
+            as Arc<dyn ResultBackend>
     })
     .await;
     let tag = env.tag.clone();
@@ -512,4 +525,39 @@ pub async fn failed_member_records_retry_the_delivery(h: &impl Harness) {
     let calls = records(&tag);
     assert_eq!(calls.len(), 1, "{}: the callback ran exactly once", h.name());
     assert_eq!(calls[0], serde_json::json!((0..30).collect::<Vec<i64>>()), "{}: member order", h.name());
+}
+
+/// A graceful shutdown while members' bookkeeping is out (member records answer slowly, and a
+/// member gives its slot back while it waits) still records and acks every member that ran:
+/// nothing is left leased, and every member that ran is counted.
+pub async fn shutdown_waits_for_member_bookkeeping(h: &impl Harness) {
+    let env = CanvasEnv::with_worker_backends(h, 1, |inner| {
+        Arc::new(FailingMemberRecords {
+            inner,
+            failures: Arc::new(AtomicUsize::new(0)),
+            delay: Duration::from_millis(300),
+        }) as Arc<dyn ResultBackend>
+    })
+    .await;
+    let tag = env.tag.clone();
+    let runs = format!("{tag}:runs");
+    let header: Group<NoInput, i64> = Group::of((0..40).map(|i| note::new(i, runs.clone())));
+    let handle = env.stem.enqueue_canvas(header.chord(sum::partial(tag.clone()))).await.unwrap();
+    env.until_records(&runs, 1).await;
+    let broker = Arc::clone(&env.broker);
+    env.shutdown().await;
+    // A fetch the stopping consumer abandoned is given back by the adapter right after.
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        let c = broker.counts("default").await.unwrap();
+        if c.in_flight == 0 || Instant::now() > give_up {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(c.in_flight, 0, "{}: a graceful shutdown leaves nothing leased: {c:?}", h.name());
+    let ran: std::collections::HashSet<i64> = records(&runs).iter().map(|v| v.as_i64().unwrap()).collect();
+    let counts = handle.progress().await.unwrap().expect("header state");
+    assert_eq!(counts.completed(), ran.len(), "{}: every member that ran is counted", h.name());
+    assert_eq!(c.pending, 40 - ran.len() as u64, "{}: the rest wait for the next worker", h.name());
 }

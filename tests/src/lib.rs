@@ -213,6 +213,7 @@ macro_rules! canvas_tests {
             group_progress_counts_failures,
             duplicate_deliveries_start_nothing_twice,
             failed_member_records_retry_the_delivery,
+            shutdown_waits_for_member_bookkeeping,
             canvas_state_expires_with_the_result_ttl
         );
     };

@@ -45,19 +45,28 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
     // Canvas: a chain/group/chord task carries its continuation; keep the envelope for it.
     let canvas = env.canvas.is_some().then(|| Arc::clone(&env));
     let mut record = prepare_and_run(&shared, env, receipt).await;
-    // The canvas bookkeeping runs in the task's slot, before the outcome goes to the
-    // recorder: a graceful shutdown stops the recorder once every slot is free, so a member
-    // record still out when its slot was already given back would find no recorder and the
-    // delivery would run again. It is kept short instead: member records of tasks finishing
-    // together share one backend call (`canvas::batch`).
+    let mut permit = Some(permit);
+    let mut reporting = None;
     if let Some(env) = canvas {
+        // The canvas bookkeeping (member records batched with other members', next steps,
+        // callbacks) waits on the backend, not on the task: it gives the task's slot to the
+        // next delivery and holds a reporting permit instead. Those bound how many
+        // deliveries wait so, and a shutdown takes them all before it stops the recorder, so
+        // no outcome is left without a recorder.
+        if let Ok(r) = Arc::clone(&shared.reporting).try_acquire_owned() {
+            reporting = Some(r);
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit.take());
+        }
         record = report_canvas(&shared, &env, redelivered, record).await;
     }
     if shared.record_tx.send(record).await.is_err() {
         tracing::error!(worker = %shared.worker_id, "recorder stopped; outcome dropped, the delivery will be redelivered");
     }
-    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-    drop(permit);
+    if permit.take().is_some() {
+        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+    drop(reporting);
 }
 
 /// Canvas: once a canvas task ended for good (terminal status; never on a retry), carry its

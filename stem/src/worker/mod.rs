@@ -193,6 +193,7 @@ impl WorkerBuilder {
         let shared = Arc::new(Shared {
             worker_id: Arc::from(config.worker_id.as_str()),
             slots: Arc::new(Semaphore::new(config.concurrency)),
+            reporting: Arc::new(Semaphore::new(config.concurrency)),
             config,
             registry,
             broker: self.broker,
@@ -230,6 +231,9 @@ pub(crate) struct Shared {
     /// Running tasks by id (tracked only with a revoke store, for `terminate`).
     pub(crate) running: parking_lot::Mutex<std::collections::HashMap<crate::TaskId, TaskContext>>,
     pub(crate) slots: Arc<Semaphore>,
+    /// Deliveries whose task ended and whose canvas bookkeeping is still out (they gave
+    /// their slot back); a shutdown takes every permit before it stops the recorder.
+    pub(crate) reporting: Arc<Semaphore>,
     pub(crate) record_tx: mpsc::Sender<recorder::Record>,
     /// Warm shutdown: stop fetching, let running tasks finish.
     pub(crate) stop_fetching: CancellationToken,
@@ -368,6 +372,8 @@ impl Worker {
             let _ = shared.slots.acquire_many(all).await;
         }
         drop(drained);
+        // Canvas bookkeeping still out hands its outcomes to the recorder first.
+        let _ = shared.reporting.acquire_many(all).await;
         shared.recorder_done.cancel();
         let _ = recorder.await;
         heartbeats.abort();
