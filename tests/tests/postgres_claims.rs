@@ -137,21 +137,16 @@ async fn an_abandoned_fetch_puts_its_rows_back_and_the_counts_follow() {
     }
     let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (leased, deliveries): (i64, i64) = sqlx::query_as(&format!(
-            "SELECT count(*) FILTER (WHERE state = 'leased'), coalesce(sum(deliveries), 0)::int8 FROM {jobs}"
+        // One snapshot: claimed (a token handed out) and released (state and count restored).
+        let (leased, deliveries, token): (i64, i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*) FILTER (WHERE state = 'leased'), coalesce(sum(deliveries), 0)::int8, \
+             coalesce(max(token), 0) FROM {jobs}"
         ))
         .fetch_one(store.pool())
         .await
         .unwrap();
-        // Claimed (a delivery counted) then released (state and count restored).
-        if leased == 0 && deliveries == 0 {
-            let claimed: i64 = sqlx::query_scalar(&format!("SELECT max(token) FROM {jobs}"))
-                .fetch_one(store.pool())
-                .await
-                .unwrap();
-            if claimed > 0 {
-                break;
-            }
+        if token > 0 && leased == 0 && deliveries == 0 {
+            break;
         }
         assert!(tokio::time::Instant::now() < give_up, "the rows were not released: {leased} leased");
         tokio::time::sleep(Duration::from_millis(10)).await;
