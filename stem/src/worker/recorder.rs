@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 use crate::backend::TaskStatus;
 use crate::broker::Receipt;
@@ -35,53 +34,21 @@ pub(crate) enum Action {
     Release,
 }
 
-/// Outcome batches being written at once. While one batch waits for its commit, the next
-/// one is already on its way, so the backend can flush both with one disk write (Postgres
-/// merges commits that arrive together). Within a batch, every delivery is still acked only
-/// after its outcome is stored. Batches of finished-and-acked deliveries with terminal
-/// records may complete out of order: a terminal record is never replaced by a late
-/// `running` of the same attempt (`TaskStatus::may_replace`, which every backend applies),
-/// and acks are lease-fenced. A batch that could be overtaken by a late `running` (a retry's
-/// non-terminal record) or that moves deliveries (retry, dead-letter, release) waits until
-/// every earlier batch is written (see [`needs_order`]).
-const MAX_IN_FLIGHT: usize = 2;
-
-/// Whether `record` must be written after every earlier batch: anything but a delivery that
-/// ended with a terminal record and an ack.
-fn needs_order(record: &Record) -> bool {
-    match record {
-        Record::Started(_) => false,
-        Record::Finished { status, action, .. } => {
-            !matches!(action, Action::Ack) || status.as_ref().is_some_and(|s| !s.state.is_terminal())
-        }
-    }
-}
-
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Record>) {
-    let mut writes = JoinSet::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        while let Some(done) = writes.try_join_next() {
-            log_panic(&shared, done);
-        }
-        if writes.len() >= MAX_IN_FLIGHT {
-            if let Some(done) = writes.join_next().await {
-                log_panic(&shared, done);
-            }
-            continue;
-        }
         tokio::select! {
             biased;
             msg = rx.recv() => match msg {
                 Some(m) => batch.push(m),
-                None => break,
+                None => return,
             },
             () = shared.recorder_done.cancelled() => {
                 while let Ok(m) = rx.try_recv() {
                     batch.push(m);
                 }
                 process(&shared, std::mem::take(&mut batch)).await;
-                break;
+                return;
             }
         }
         while batch.len() < MAX_BATCH {
@@ -90,25 +57,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Record>) {
                 Err(_) => break,
             }
         }
-        let batch = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-        if batch.iter().any(needs_order) {
-            while let Some(done) = writes.join_next().await {
-                log_panic(&shared, done);
-            }
-        }
-        let shared = Arc::clone(&shared);
-        writes.spawn(async move { process(&shared, batch).await });
-    }
-    // Every write started is finished before the worker reports that it stopped.
-    while let Some(done) = writes.join_next().await {
-        log_panic(&shared, done);
-    }
-}
-
-/// A batch whose write panicked: what it had not acked yet is redelivered after its lease.
-fn log_panic(shared: &Shared, done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        tracing::error!(worker = %shared.worker_id, error = %e, "recording a batch of outcomes failed; its deliveries will be redelivered");
+        process(&shared, std::mem::take(&mut batch)).await;
+        batch.reserve(MAX_BATCH);
     }
 }
 
