@@ -22,6 +22,22 @@ use crate::sql_shared::{dead_letter, millis};
 /// While every claim comes back full (a backlog), expired leases are looked for this often.
 const RECLAIM_EVERY_MS: i64 = 500;
 
+/// The condition that makes a claim's transaction commit without waiting for its WAL flush:
+/// `set_config(…, true)` lasts until the end of the statement's own transaction, so the
+/// connection keeps the server's setting for every later statement. Evaluated once, as an
+/// init plan, before the statement returns a row.
+///
+/// A claim that is lost because the server crashed before its WAL reached the disk is a
+/// claim that never happened: its rows are `ready` again (token and delivery count as
+/// before) and are delivered again. The worker holding the lost claim's receipts can neither
+/// ack nor retry nor extend them: every one of those statements requires the current token,
+/// and the next claim of those rows gets a token of its own (a token is the claim's time in
+/// microseconds, and the server comes back later than the lost claim). Any synchronous
+/// commit that follows (an outcome's record and ack, an enqueue) flushes the WAL up to
+/// itself, claims included, so a stored outcome never follows a claim the server forgot.
+/// Enqueues, outcomes, acks, retries and dead-letters keep the server's durability.
+const ASYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
+
 /// Broker on a `jobs` table in the namespace's schema.
 ///
 /// Claims take a batch in one statement (`UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED
@@ -93,12 +109,17 @@ impl Sql {
                    ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased)"
             )
         };
+        // The token is the claim's time in microseconds (at least one more than the last):
+        // a claim lost in a server crash (see `ASYNC_COMMIT`) never hands its token out again.
         let lease = format!(
-            "UPDATE {s}.jobs j SET state = 'leased', token = j.token + 1, \
+            "UPDATE {s}.jobs j SET state = 'leased', \
+               token = greatest(j.token + 1, (extract(epoch FROM now()) * 1000000)::int8), \
                deliveries = j.deliveries + 1, consumer = $4, \
                lease_until = now() + coalesce(j.lease_ms, $3) * interval '1 millisecond'"
         );
         let returning = "RETURNING j.id, j.token, j.deliveries, j.priority, j.run_at, j.queue, j.payload";
+        // A claim's commit does not wait for its WAL flush (see `ASYNC_COMMIT`).
+        let async_commit = ASYNC_COMMIT;
         // The usual claim: due rows only.
         let claim = |filter: &str, order: &str| {
             format!(
@@ -107,7 +128,7 @@ impl Sql {
                    ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED), \
                  upd AS ({lease} FROM due WHERE j.id = due.id {returning}), \
                  {cnt} \
-                 SELECT * FROM upd",
+                 SELECT * FROM upd WHERE {async_commit}",
                 cnt = count_leased("upd"),
             )
         };
@@ -125,7 +146,7 @@ impl Sql {
                    ORDER BY {order} LIMIT $2), \
                  upd AS ({lease} FROM pick WHERE j.id = pick.id {returning}, pick.fresh), \
                  {cnt} \
-                 SELECT id, token, deliveries, priority, run_at, queue, payload FROM upd",
+                 SELECT id, token, deliveries, priority, run_at, queue, payload FROM upd WHERE {async_commit}",
                 cnt = count_leased("upd WHERE fresh"),
             )
         };
@@ -173,11 +194,16 @@ impl Sql {
                  INSERT INTO {s}.dead_letters (queue, reason, detail, payload) \
                  SELECT queue, $2, $3, payload FROM d"
             ),
+            // Released rows leave the queue's `leased` counter, as in `nack_requeue`.
             release: format!(
                 "WITH u AS (UPDATE {s}.jobs j SET state = 'ready', lease_until = NULL, consumer = NULL, \
                    deliveries = greatest(j.deliveries - 1, 0) \
                    FROM unnest($1::int8[], $2::int8[]) AS a(id, token) \
-                   WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased' RETURNING 1) \
+                   WHERE j.id = a.id AND j.token = a.token AND j.state = 'leased' RETURNING j.queue), \
+                 cnt AS (INSERT INTO {s}.queue_counts AS c (queue, shard, jobs, leased) \
+                   SELECT queue, (txid_current() % 64)::int2, 0, -count(*) FROM u \
+                   GROUP BY queue ORDER BY queue \
+                   ON CONFLICT (queue, shard) DO UPDATE SET leased = c.leased + EXCLUDED.leased) \
                  SELECT count(*) FROM (SELECT 1 FROM u LIMIT 1) x, LATERAL (SELECT pg_notify($3, 'j')) n"
             ),
             ack: format!(

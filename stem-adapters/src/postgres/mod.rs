@@ -118,6 +118,8 @@ struct StoreInner {
     hot_sweeper: std::sync::atomic::AtomicBool,
 }
 
+/// Connections opened and warmed when a store connects (see [`PgStore::warm_up`]).
+const WARM_CONNECTIONS: usize = 4;
 /// At most this many connections stay checked out between statements, per store.
 const HOT_MAX: usize = 2;
 /// A kept connection unused for this long goes back to the pool instead.
@@ -208,7 +210,39 @@ impl PgStore {
             })
             .acquire_timeout(options.connect_timeout.max(Duration::from_secs(10)))
             .connect_lazy_with(connect_options);
-        Self::with_pool(pool, &namespace, options, masked).await
+        let store = Self::with_pool(pool, &namespace, options, masked).await?;
+        store.warm_up().await;
+        Ok(store)
+    }
+
+    /// Open the connections a worker and a producer use at once ([`WARM_CONNECTIONS`]) and
+    /// have each load what its first statements need: the namespace's tables and indexes into
+    /// its catalog caches and the `jobs` count triggers compiled, by statements that read and
+    /// write nothing. A new server process pays this on its first statement against the
+    /// namespace: tens of milliseconds, and hundreds when the catalogs (large in a database
+    /// holding many namespaces) are no longer in memory, e.g. after a big build evicted them.
+    /// Paid here, it no longer lands on the first tasks. A failure only logs: the pool opens
+    /// connections as needed anyway.
+    async fn warm_up(&self) {
+        let n = usize::try_from(self.inner.options.max_connections).unwrap_or(1).min(WARM_CONNECTIONS);
+        let s = &self.inner.schema;
+        let sql: Arc<[String]> = Arc::from([
+            format!(
+                "SELECT 1 FROM {s}.jobs, {s}.statuses, {s}.queue_counts, {s}.workers, {s}.dead_letters LIMIT 0"
+            ),
+            format!("DELETE FROM {s}.jobs WHERE false"),
+            format!("INSERT INTO {s}.jobs (queue, payload) SELECT '', '' WHERE false"),
+        ]);
+        // Each task keeps its connection until every one is warm: n distinct connections.
+        let tasks: Vec<_> =
+            (0..n).map(|_| tokio::spawn(warm_one(self.inner.pool.clone(), Arc::clone(&sql)))).collect();
+        let mut warmed = Vec::with_capacity(n);
+        for task in tasks {
+            warmed.push(task.await.unwrap_or(Err(sqlx::Error::PoolClosed)));
+        }
+        if let Some(Err(e)) = warmed.into_iter().find(Result::is_err) {
+            tracing::warn!(error = %e, namespace = %self.inner.namespace, "warming up Postgres connections failed");
+        }
     }
 
     /// Use an existing pool (e.g. the application's) for `namespace`, applying the
@@ -375,6 +409,15 @@ impl PgStore {
     }
 }
 
+/// One connection of [`PgStore::warm_up`], returned warm (and held until the caller drops it).
+async fn warm_one(pool: PgPool, sql: Arc<[String]>) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    for statement in sql.iter() {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    Ok(conn)
+}
+
 /// Every [`HOT_IDLE`], give the connections kept longer than that back to the pool; ends
 /// with the store.
 async fn sweep_hot(store: std::sync::Weak<StoreInner>) {
@@ -412,6 +455,9 @@ const NO_CONNECTION: &str =
 /// Open a broker and a backend on one pool (`postgres://` / `postgresql://`).
 pub(crate) async fn connect(url: &str) -> Result<crate::Adapters, stem::Error> {
     let store = PgStore::connect(url, PgOptions::default()).await?;
+    // Broker and backend both wait on the LISTEN connection (consumers for jobs, `wait` for
+    // results): open it now rather than in the first task's round trip.
+    store.listening().await;
     Ok(crate::Adapters {
         broker: Arc::new(PgBroker::new(store.clone())),
         backend: Arc::new(PgBackend::new(store, stem::backend::DEFAULT_RESULT_TTL)),
