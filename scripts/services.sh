@@ -88,5 +88,33 @@ ensure_postgres() {
       echo "services: creating database $PG_DB" >&2
       psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -c "CREATE DATABASE $PG_DB" >/dev/null
     fi
+    prune_test_schemas
   fi
+}
+
+# Every test and bench run works in a schema of its own and leaves it behind (a failed test
+# leaves its state to look at). Thousands of them slow every new connection down, so drop the
+# ones older than an hour: their names carry their creation time (`t<uuid v7>`,
+# `e2ecanvas<uuid v7>`, `bench_<pid>_<unix ns>`). One schema per transaction, so the locks of
+# a large clean-up never pile up.
+prune_test_schemas() {
+  psql -q -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -v ON_ERROR_STOP=1 >/dev/null 2>&1 <<'SQL' || echo "services: pruning old test schemas failed (not fatal)" >&2
+DO $prune$
+DECLARE
+  victim text;
+  cutoff_ms numeric := extract(epoch FROM now()) * 1000 - 3600 * 1000;
+BEGIN
+  FOR victim IN
+    SELECT nspname FROM pg_namespace
+    WHERE (nspname ~ '^(t|e2ecanvas)[0-9a-f]{32}$'
+           AND ('x' || lpad(substring(nspname FROM '([0-9a-f]{12})[0-9a-f]{20}$'), 16, '0'))::bit(64)::bigint < cutoff_ms)
+       OR (nspname ~ '^bench_[0-9]+_[0-9]+$'
+           AND split_part(nspname, '_', 3)::numeric < cutoff_ms * 1000000)
+  LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', victim);
+    COMMIT;
+  END LOOP;
+END
+$prune$;
+SQL
 }
