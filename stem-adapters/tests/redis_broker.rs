@@ -132,3 +132,40 @@ async fn expired_leases_come_back_under_a_backlog() {
     );
     b.ack(vec![back.receipt]).await.unwrap();
 }
+
+/// Fetches that skip the script still honour an envelope's own lease (it moves to an owner
+/// that says so) and still dead-letter garbage with a reason.
+#[tokio::test]
+async fn the_fast_path_keeps_own_leases_and_dead_letters_garbage() {
+    let (b, client) = broker().await;
+    b.publish((0..12).map(|n| env_at("q", n, 0)).collect()).await.unwrap();
+    let stream = b.keys().stream("q", 0);
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("XADD").arg(&stream).arg("*").arg("e").arg("not json").exec_async(&mut raw).await.unwrap();
+    let mut short = env_at("q", 100, 0);
+    short.visibility_timeout = Some(Duration::from_millis(200));
+    b.publish(vec![short.clone()]).await.unwrap();
+    b.publish((12..40).map(|n| env_at("q", n, 0)).collect()).await.unwrap();
+
+    let long = Duration::from_secs(30);
+    // The first fetch runs the script; the next ones, under the backlog, are plain reads.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.extend(b.consume(&req(10, long)).await.unwrap());
+    }
+    let first = got.iter().find(|d| d.envelope.id == short.id).expect("the short-lease task was fetched");
+    assert_eq!(first.receipt.lease, 1);
+    let dead = b.dlq_list("q", 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "the garbage entry is dead-lettered");
+    assert_eq!((dead[0].reason.as_str(), dead[0].raw.as_deref()), (REASON_MALFORMED, Some("not json")));
+
+    // Not acked: its own 200 ms lease lapses long before the consumer's 30 s one would.
+    let t0 = std::time::Instant::now();
+    let mut back = None;
+    while back.is_none() && t0.elapsed() < Duration::from_secs(10) {
+        back = b.consume(&req(10, long)).await.unwrap().into_iter().find(|d| d.envelope.id == short.id);
+    }
+    let back = back.expect("the envelope's own lease lapsed and it came back");
+    assert!(back.redelivered && back.receipt.lease > first.receipt.lease);
+    assert!(t0.elapsed() < Duration::from_secs(5), "back after its own lease, not the consumer's");
+}

@@ -45,7 +45,7 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
     // Canvas: a chain/group/chord task carries its continuation; keep the envelope for it.
     let canvas = env.canvas.is_some().then(|| Arc::clone(&env));
     let mut record = prepare_and_run(&shared, env, receipt).await;
-    let mut permit = Some(permit);
+    let mut slot = Some(permit);
     let mut reporting = None;
     if let Some(env) = canvas {
         // The canvas bookkeeping (member records batched with other members', next steps,
@@ -53,20 +53,24 @@ pub(crate) async fn execute(shared: Arc<Shared>, delivery: Delivery, permit: Own
         // next delivery and holds a reporting permit instead. Those bound how many
         // deliveries wait so, and a shutdown takes them all before it stops the recorder, so
         // no outcome is left without a recorder.
-        if let Ok(r) = Arc::clone(&shared.reporting).try_acquire_owned() {
-            reporting = Some(r);
-            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            drop(permit.take());
+        reporting = Arc::clone(&shared.reporting).try_acquire_owned().ok();
+        if reporting.is_some() {
+            free_slot(&shared, &mut slot);
         }
         record = report_canvas(&shared, &env, redelivered, record).await;
     }
     if shared.record_tx.send(record).await.is_err() {
         tracing::error!(worker = %shared.worker_id, "recorder stopped; outcome dropped, the delivery will be redelivered");
     }
-    if permit.take().is_some() {
+    free_slot(&shared, &mut slot);
+    drop(reporting);
+}
+
+/// Give the delivery's worker slot back (once).
+fn free_slot(shared: &Shared, slot: &mut Option<OwnedSemaphorePermit>) {
+    if slot.take().is_some() {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-    drop(reporting);
 }
 
 /// Canvas: once a canvas task ended for good (terminal status; never on a retry), carry its

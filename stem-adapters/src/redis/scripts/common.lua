@@ -76,11 +76,11 @@ end
 
 -- Pending deliveries of stream `sk` whose lease has run out: {{id, token}, ...} (oldest
 -- first, at most `max`), plus the ms until the next live lease runs out (-1: none; only
--- computed when `full`). Cheap when nothing expired: the PEL summary names the owners, and
+-- computed when `full`) and how many deliveries are pending in all. Cheap when nothing expired: the PEL summary names the owners, and
 -- unless `full` only entries idle at least the shortest owner lease are listed.
 local function expired_leases(sk, max, full)
   local summary = redis.pcall('XPENDING', sk, G)
-  if type(summary) ~= 'table' or summary.err or tonumber(summary[1]) == 0 then return {}, -1 end
+  if type(summary) ~= 'table' or summary.err or tonumber(summary[1]) == 0 then return {}, -1, 0 end
   local shortest = 0
   if not full then
     shortest = nil
@@ -99,7 +99,7 @@ local function expired_leases(sk, max, full)
       next_due = left
     end
   end
-  return out, next_due
+  return out, next_due, tonumber(summary[1])
 end
 
 -- Append a dead-letter record (JSON without its id; the id is the hash field).

@@ -10,14 +10,8 @@ for p = 0, 9 do
   local len = redis.call('XLEN', sk)
   if len > 0 then
     total = total + len
-    local summary = redis.pcall('XPENDING', sk, G)
-    if type(summary) == 'table' and not summary.err then
-      local pel = tonumber(summary[1])
-      if pel > 0 then
-        local expired = expired_leases(sk, pel, false)
-        leased = leased + pel - #expired
-      end
-    end
+    local expired, _, pel = expired_leases(sk, len, false)
+    leased = leased + pel - #expired
   end
 end
 local pending = total - leased
