@@ -169,3 +169,45 @@ async fn the_fast_path_keeps_own_leases_and_dead_letters_garbage() {
     assert!(back.redelivered && back.receipt.lease > first.receipt.lease);
     assert!(t0.elapsed() < Duration::from_secs(5), "back after its own lease, not the consumer's");
 }
+
+/// Once a plain read has emptied the busy stream, the next fetch blocks on the streams' ends
+/// without asking the script. It still wakes for another priority and still serves a delayed
+/// envelope that falls due meanwhile: the block never outlasts the quarter second within
+/// which the script must run again, however long the fetch may wait.
+#[tokio::test]
+async fn a_consumer_that_emptied_its_stream_still_sees_other_priorities_and_delays() {
+    let (b, _) = broker().await;
+    let mut long = req(4, Duration::from_secs(30));
+    long.wait = Duration::from_secs(10);
+    let mut next = 0;
+    // A full fetch (the script), then a plain read that takes the rest of the stream.
+    let mut empty_the_stream = async |b: &RedisBroker| {
+        b.publish((next..next + 5).map(|n| env_at("q", n, 0)).collect()).await.unwrap();
+        let mut got: Vec<u64> = b.consume(&long).await.unwrap().iter().map(n_of).collect();
+        got.extend(b.consume(&long).await.unwrap().iter().map(n_of));
+        assert_eq!(got, (next..next + 5).collect::<Vec<_>>());
+        next += 5;
+    };
+
+    // A delayed envelope that falls due while the consumer blocks.
+    empty_the_stream(&b).await;
+    let mut delayed = env_at("q", 100, 0);
+    delayed.not_before = Some(chrono::Utc::now() + chrono::Duration::milliseconds(300));
+    b.publish(vec![delayed]).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let got = b.consume(&long).await.unwrap();
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![100]);
+    assert!(t0.elapsed() < Duration::from_secs(3), "promoted within the script's quarter second");
+
+    // Another priority, published while the consumer blocks.
+    empty_the_stream(&b).await;
+    let b2 = b.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b2.publish(vec![env_at("q", 200, 7)]).await.unwrap();
+    });
+    let t0 = std::time::Instant::now();
+    let got = b.consume(&long).await.unwrap();
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![200]);
+    assert!(t0.elapsed() < Duration::from_secs(3), "woken, not left to the fetch's 10 s wait");
+}

@@ -224,7 +224,7 @@ struct Adapters {
 
 /// Connect; `fresh` gives a URL without `ns=` a namespace of its own, and the bench queue is
 /// purged, so leftovers of an interrupted run never count.
-async fn connect(url: &str, fresh: bool) -> Result<Adapters, Box<dyn std::error::Error>> {
+async fn connect(url: &str, fresh: bool) -> Result<Adapters, BoxError> {
     let url = if fresh && !url.starts_with("memory") && !url.contains("ns=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         let nanos =
@@ -314,12 +314,7 @@ async fn join_one(batches: &mut tokio::task::JoinSet<Result<(), stem::Error>>) -
     }
 }
 
-async fn drain(
-    url: &str,
-    tasks: u64,
-    concurrency: usize,
-    task_ms: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
+async fn drain(url: &str, tasks: u64, concurrency: usize, task_ms: u64) -> Result<(), BoxError> {
     let a = connect(url, true).await?;
     let registry = registry()?;
     let stem = producer(&a, &registry);
@@ -350,7 +345,7 @@ async fn drain(
     Ok(())
 }
 
-async fn latency(url: &str, tasks: u64) -> Result<(), Box<dyn std::error::Error>> {
+async fn latency(url: &str, tasks: u64) -> Result<(), BoxError> {
     let a = connect(url, true).await?;
     let registry = registry()?;
     let stem = producer(&a, &registry);
@@ -386,7 +381,7 @@ async fn latency(url: &str, tasks: u64) -> Result<(), Box<dyn std::error::Error>
     Ok(())
 }
 
-async fn enqueue(url: &str, tasks: u64, task_ms: u64) -> Result<(), Box<dyn std::error::Error>> {
+async fn enqueue(url: &str, tasks: u64, task_ms: u64) -> Result<(), BoxError> {
     let a = connect(url, false).await?;
     let registry = registry()?;
     let stem = producer(&a, &registry);
@@ -404,7 +399,7 @@ async fn worker(
     concurrency: usize,
     visibility_timeout: Duration,
     grace: Duration,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), BoxError> {
     let a = connect(url, false).await?;
     let mut config = WorkerConfig::default();
     config.queues = vec![QUEUE.to_owned()];
@@ -417,7 +412,7 @@ async fn worker(
     Ok(())
 }
 
-async fn count(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+async fn count(url: &str) -> Result<(), BoxError> {
     let a = connect(url, false).await?;
     let run = TaskId(uuid::Uuid::from_u128(RUN_GROUP));
     let Some(group) = a.backend.group_get(run).await? else {
@@ -475,7 +470,7 @@ async fn until_empty(broker: &dyn Broker) -> Result<(), stem::Error> {
     }
 }
 
-async fn chord(url: &str, members: u64, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {
+async fn chord(url: &str, members: u64, concurrency: usize) -> Result<(), BoxError> {
     let a = connect(url, true).await?;
     let registry = canvas_registry()?;
     let stem = producer(&a, &registry);
@@ -515,7 +510,7 @@ async fn chord(url: &str, members: u64, concurrency: usize) -> Result<(), Box<dy
     Ok(())
 }
 
-async fn canvas_worker(url: &str, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {
+async fn canvas_worker(url: &str, concurrency: usize) -> Result<(), BoxError> {
     let a = connect(url, false).await?;
     let worker = Worker::builder(a.broker, a.backend)
         .registry(canvas_registry()?)
@@ -527,7 +522,7 @@ async fn canvas_worker(url: &str, concurrency: usize) -> Result<(), Box<dyn std:
     Ok(())
 }
 
-async fn canvas_enqueue(url: &str, members: u64, task_ms: u64) -> Result<(), Box<dyn std::error::Error>> {
+async fn canvas_enqueue(url: &str, members: u64, task_ms: u64) -> Result<(), BoxError> {
     let a = connect(url, false).await?;
     let stem = producer(&a, &canvas_registry()?);
     let header: Group<NoInput, u64> = Group::of((0..members).map(|i| chord_member::new(i, task_ms)));
@@ -540,8 +535,10 @@ async fn canvas_enqueue(url: &str, members: u64, task_ms: u64) -> Result<(), Box
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Every command's error: `Send`, so a command can run as a spawned task.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_filter = if matches!(cli.command, Command::Worker { .. } | Command::CanvasWorker { .. }) {
         "info"
@@ -554,7 +551,27 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    // The command runs as a spawned task, on the runtime's worker threads like the code it
+    // measures, not on the main thread (whose every wake-up would be a cross-thread hop).
+    let result = tokio::runtime::Runtime::new().map_err(BoxError::from).and_then(|rt| {
+        rt.block_on(async {
+            match tokio::spawn(run(cli.command)).await {
+                Ok(result) => result,
+                Err(e) => Err(e.into()),
+            }
+        })
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "stem-bench: {e}");
+            std::process::ExitCode::from(70)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), BoxError> {
+    match command {
         Command::Drain { url, tasks, concurrency, task_ms } => drain(&url, tasks, concurrency, task_ms).await,
         Command::Latency { url, tasks } => latency(&url, tasks).await,
         Command::Enqueue { url, tasks, task_ms } => enqueue(&url, tasks, task_ms).await,
@@ -575,12 +592,5 @@ async fn main() -> std::process::ExitCode {
             canvas_worker(&url, concurrency).await
         }
         Command::CanvasEnqueue { url, members, task_ms } => canvas_enqueue(&url, members, task_ms).await,
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "stem-bench: {e}");
-            std::process::ExitCode::from(70)
-        }
     }
 }

@@ -58,6 +58,12 @@ impl std::fmt::Debug for RedisBackend {
 
 type Waiter = (u64, oneshot::Sender<TaskStatus>);
 
+/// What a waiter heard first: the completion message, or its own read of the record.
+enum First {
+    Pushed(std::result::Result<TaskStatus, oneshot::error::RecvError>),
+    Read(Result<Option<TaskStatus>>),
+}
+
 struct Inner {
     conn: RedisConnection,
     keys: Keys,
@@ -247,8 +253,14 @@ impl Inner {
         let wanted = self.waiters.lock().contains_key(&id);
         match (wanted, subscribed.contains(&id)) {
             (true, false) => {
-                conn.subscribe(self.keys.done(id)).await.map_err(err)?;
+                // Marked before the command goes out: a waiter that gives up mid-subscribe
+                // (its completion arrived first) leaves an entry `unsubscribe_later` clears,
+                // never a channel subscribed behind our back.
                 subscribed.insert(id);
+                if let Err(e) = conn.subscribe(self.keys.done(id)).await {
+                    subscribed.remove(&id);
+                    return Err(err(e));
+                }
             }
             (false, true) => {
                 subscribed.remove(&id);
@@ -323,7 +335,7 @@ impl Inner {
     }
 
     async fn wait(self: &Arc<Self>, id: TaskId, timeout: Duration) -> Result<Option<TaskStatus>> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let token = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         self.waiters.lock().entry(id).or_default().push((token, tx));
         let deadline = tokio::time::Instant::now() + timeout;
@@ -332,14 +344,28 @@ impl Inner {
             // Read after subscribing: a completion between the two is seen either way.
             self.get(id).await
         };
-        let current = match tokio::time::timeout_at(deadline, ready).await {
-            Ok(Ok(current)) => current,
-            Ok(Err(e)) => {
+        // The completion may be published while the read is still on its way (the worker
+        // is often quicker than the two round trips): take whichever answers first.
+        let first = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                biased;
+                pushed = &mut rx => First::Pushed(pushed),
+                read = ready => First::Read(read),
+            }
+        });
+        let current = match first.await {
+            Ok(First::Pushed(Ok(status))) => {
+                self.unsubscribe_later(id);
+                return Ok(Some(status));
+            }
+            Ok(First::Read(Ok(current))) => current,
+            Ok(First::Read(Err(e))) => {
                 self.remove_waiter(id, token);
                 self.unsubscribe_later(id);
                 return Err(e);
             }
-            Err(_) => {
+            // The sender went away with the backend's waiter table: read the record instead.
+            Ok(First::Pushed(Err(_))) | Err(_) => {
                 self.remove_waiter(id, token);
                 self.unsubscribe_later(id);
                 return self.get(id).await;

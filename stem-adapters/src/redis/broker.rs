@@ -61,12 +61,35 @@ struct FastPath {
     /// When the script last ran, and when it last looked for expired leases.
     script_at: std::time::Instant,
     reclaim_at: std::time::Instant,
+    /// The last fast fetch took what was left of the busy stream while the other priority
+    /// streams were empty: where each of the queue's streams ends (priority 9..0), so the
+    /// next fetch can block on them at once instead of asking the script.
+    drained: Option<Vec<String>>,
+    /// A blocking read just saw new entries in the busy stream and nowhere else.
+    woken: bool,
+}
+
+/// How the next fetch goes (see `RedisBroker::plan`).
+enum Plan {
+    /// The consume script.
+    Script,
+    /// A plain `XREADGROUP` on this priority stream of the one queue.
+    Native(u8),
+    /// Nothing to fetch: block on these stream positions for at most this long.
+    Block(Vec<String>, Duration),
 }
 
 impl Default for FastPath {
     fn default() -> Self {
         let now = std::time::Instant::now();
-        FastPath { single: None, backlog: false, script_at: now, reclaim_at: now }
+        FastPath {
+            single: None,
+            backlog: false,
+            script_at: now,
+            reclaim_at: now,
+            drained: None,
+            woken: false,
+        }
     }
 }
 
@@ -319,8 +342,14 @@ impl RedisBroker {
     /// entries become dead letters.
     async fn consume_once(&self, req: &ConsumeRequest) -> Result<(Vec<Delivery>, Consumed)> {
         let names: Arc<[Arc<str>]> = req.queues.iter().map(|q| Arc::from(q.as_str())).collect();
-        let plan = self.plan(req);
-        let consumed = self.fetch_detached(plan, req.clone(), Arc::clone(&names)).await?;
+        let fast = match self.plan(req) {
+            Plan::Script => None,
+            Plan::Native(p) => Some(p),
+            Plan::Block(last_ids, until) => {
+                return Ok((Vec::new(), Consumed::Idle { next_due: Some(until), last_ids }));
+            }
+        };
+        let consumed = self.fetch_detached(fast, req.clone(), Arc::clone(&names)).await?;
         let raws = match consumed {
             Consumed::Deliveries(raws) => raws,
             idle => return Ok((Vec::new(), idle)),
@@ -346,15 +375,28 @@ impl RedisBroker {
         Ok((out, Consumed::Deliveries(Vec::new())))
     }
 
-    /// Whether this fetch may skip the script: one queue, whose entries sit in one priority
-    /// stream (as the last script call saw it), under a backlog (the last fetch came back
-    /// full), and the script ran recently enough to have promoted due delayed envelopes and
-    /// taken back expired leases (at least every [`SCRIPT_EVERY`]).
-    fn plan(&self, req: &ConsumeRequest) -> Option<u8> {
-        let [queue] = req.queues.as_slice() else { return None };
-        let fast = self.fast.lock();
-        let (q, p) = fast.single.as_ref()?;
-        (q == queue && fast.backlog && fast.script_at.elapsed() < SCRIPT_EVERY).then_some(*p)
+    /// Whether this fetch may skip the script. It may when it consumes one queue whose
+    /// entries sit in one priority stream (as the last calls saw it) and the script ran
+    /// recently enough to have promoted due delayed envelopes and taken back expired leases
+    /// (at least every [`SCRIPT_EVERY`]). Then, under a backlog (the last fetch came back
+    /// full) or right after a blocking read saw new entries there, it is a plain
+    /// `XREADGROUP`; when the last fetch emptied the stream, it blocks on the streams' ends
+    /// at once (for no longer than the script may wait).
+    fn plan(&self, req: &ConsumeRequest) -> Plan {
+        let [queue] = req.queues.as_slice() else { return Plan::Script };
+        let mut fast = self.fast.lock();
+        let left = SCRIPT_EVERY.saturating_sub(fast.script_at.elapsed());
+        let p = match &fast.single {
+            Some((q, p)) if q == queue && !left.is_zero() => *p,
+            _ => return Plan::Script,
+        };
+        if fast.backlog || std::mem::take(&mut fast.woken) {
+            return Plan::Native(p);
+        }
+        match fast.drained.take() {
+            Some(last_ids) => Plan::Block(last_ids, left),
+            None => Plan::Script,
+        }
     }
 
     /// Fetch on a task of its own. A consumer that stops waiting (a worker shutting down drops
@@ -402,6 +444,8 @@ impl RedisBroker {
             [q] if mask.count_ones() == 1 => Some((q.clone(), mask.trailing_zeros() as u8)),
             _ => None,
         };
+        // Stream ends recorded for another fetch (maybe of another queue) are no guide now.
+        fast.drained = None;
         fast.backlog = matches!(&consumed, Consumed::Deliveries(d) if d.len() >= req.max);
         Ok(consumed)
     }
@@ -464,6 +508,20 @@ impl RedisBroker {
         if others_busy {
             fast.single = None;
         }
+        // Fewer entries than asked for: the read reached the stream's end, so nothing newer
+        // than the last one exists there (ids only grow), and the other streams were empty.
+        fast.drained = match raws.last() {
+            Some(last) if !fast.backlog && !others_busy => Some(
+                (0..=MAX_PRIORITY)
+                    .rev()
+                    .map(|p| match last.tag.split_once(':') {
+                        Some((_, id)) if p == priority => id.to_owned(),
+                        _ => "0-0".to_owned(),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
         Ok(Consumed::Deliveries(raws))
     }
 
@@ -523,7 +581,16 @@ impl RedisBroker {
             .arg("STREAMS")
             .arg(&keys)
             .arg(last_ids);
-        self.run_blocking(&cmd, block).await.map(|_: Value| ())
+        let woke: Value = self.run_blocking(&cmd, block).await?;
+        // New entries in one queue's one stream only: the next fetch may go straight to it.
+        if let ([queue], [key]) = (req.queues.as_slice(), streams_with_entries(&woke).as_slice()) {
+            if let Some(p) = (0..=MAX_PRIORITY).find(|p| self.keys.stream(queue, *p).as_bytes() == *key) {
+                let mut fast = self.fast.lock();
+                fast.single = Some((queue.clone(), p));
+                fast.woken = true;
+            }
+        }
+        Ok(())
     }
 
     async fn run_blocking<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, block: Duration) -> Result<T> {
@@ -916,6 +983,24 @@ impl Broker for RedisBroker {
             }
             Ok(out)
         })
+    }
+}
+
+/// The keys of the streams an `XREAD` answer holds entries for.
+fn streams_with_entries(v: &Value) -> Vec<&[u8]> {
+    let has_entries = |entries: &Value| matches!(entries, Value::Array(e) if !e.is_empty());
+    match v {
+        Value::Map(streams) => {
+            streams.iter().filter(|(_, e)| has_entries(e)).filter_map(|(k, _)| bytes(k)).collect()
+        }
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(kv) if kv.get(1).is_some_and(has_entries) => kv.first().and_then(bytes),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
