@@ -364,7 +364,7 @@ impl Inner {
                 self.unsubscribe_later(id);
                 return Err(e);
             }
-            // The sender went away with the backend's waiter table: read the record instead.
+            // Dropped senders cannot happen while the waiter is listed; read the record anyway.
             Ok(First::Pushed(Err(_))) | Err(_) => {
                 self.remove_waiter(id, token);
                 self.unsubscribe_later(id);

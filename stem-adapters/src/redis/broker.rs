@@ -62,9 +62,9 @@ struct FastPath {
     script_at: std::time::Instant,
     reclaim_at: std::time::Instant,
     /// The last fast fetch took what was left of the busy stream while the other priority
-    /// streams were empty: where each of the queue's streams ends (priority 9..0), so the
-    /// next fetch can block on them at once instead of asking the script.
-    drained: Option<Vec<String>>,
+    /// streams were empty: the id of the stream's last entry, so the next fetch can block on
+    /// the streams' ends at once instead of asking the script.
+    drained: Option<String>,
     /// A blocking read just saw new entries in the busy stream and nowhere else.
     woken: bool,
 }
@@ -394,7 +394,14 @@ impl RedisBroker {
             return Plan::Native(p);
         }
         match fast.drained.take() {
-            Some(last_ids) => Plan::Block(last_ids, left),
+            // Empty streams have no entries at all, so any entry there is new.
+            Some(last) => Plan::Block(
+                (0..=MAX_PRIORITY)
+                    .rev()
+                    .map(|q| if q == p { last.clone() } else { "0-0".to_owned() })
+                    .collect(),
+                left,
+            ),
             None => Plan::Script,
         }
     }
@@ -483,6 +490,7 @@ impl RedisBroker {
         let mut answers = answers.into_iter();
         let entries = answers.next().map(stream_entries).unwrap_or_default();
         let others_busy = answers.any(|a| int(&a).is_some_and(|n| n > 0));
+        let last_id = entries.last().map(|(id, _)| id.clone());
         let mut own_leases = redis::pipe();
         let mut raws = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
@@ -510,18 +518,7 @@ impl RedisBroker {
         }
         // Fewer entries than asked for: the read reached the stream's end, so nothing newer
         // than the last one exists there (ids only grow), and the other streams were empty.
-        fast.drained = match raws.last() {
-            Some(last) if !fast.backlog && !others_busy => Some(
-                (0..=MAX_PRIORITY)
-                    .rev()
-                    .map(|p| match last.tag.split_once(':') {
-                        Some((_, id)) if p == priority => id.to_owned(),
-                        _ => "0-0".to_owned(),
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        };
+        fast.drained = last_id.filter(|_| !fast.backlog && !others_busy);
         Ok(Consumed::Deliveries(raws))
     }
 
@@ -584,7 +581,9 @@ impl RedisBroker {
         let woke: Value = self.run_blocking(&cmd, block).await?;
         // New entries in one queue's one stream only: the next fetch may go straight to it.
         if let ([queue], [key]) = (req.queues.as_slice(), streams_with_entries(&woke).as_slice()) {
-            if let Some(p) = (0..=MAX_PRIORITY).find(|p| self.keys.stream(queue, *p).as_bytes() == *key) {
+            // One queue: `keys` runs from priority 9 down to 0.
+            let at = keys.iter().position(|k| k.as_bytes() == *key);
+            if let Some(p) = at.and_then(|i| MAX_PRIORITY.checked_sub(u8::try_from(i).ok()?)) {
                 let mut fast = self.fast.lock();
                 fast.single = Some((queue.clone(), p));
                 fast.woken = true;
@@ -714,7 +713,7 @@ impl Broker for RedisBroker {
                 .await?;
             if requeue && n == 1 {
                 // Our next fetch runs the script and looks for released leases first.
-                self.fast.lock().backlog = false;
+                self.fast.lock().single = None;
             }
             Ok(n == 1)
         })
@@ -986,22 +985,17 @@ impl Broker for RedisBroker {
     }
 }
 
-/// The keys of the streams an `XREAD` answer holds entries for.
+/// The keys of the streams an `XREAD` answer (RESP2: `[[key, entries], …]`) holds entries
+/// for.
 fn streams_with_entries(v: &Value) -> Vec<&[u8]> {
-    let has_entries = |entries: &Value| matches!(entries, Value::Array(e) if !e.is_empty());
-    match v {
-        Value::Map(streams) => {
-            streams.iter().filter(|(_, e)| has_entries(e)).filter_map(|(k, _)| bytes(k)).collect()
-        }
-        Value::Array(streams) => streams
-            .iter()
-            .filter_map(|s| match s {
-                Value::Array(kv) if kv.get(1).is_some_and(has_entries) => kv.first().and_then(bytes),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+    let Value::Array(streams) = v else { return Vec::new() };
+    streams
+        .iter()
+        .filter_map(|s| match s.as_sequence()? {
+            [key, Value::Array(entries)] if !entries.is_empty() => bytes(key),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `(entry id, fields)` of an XREADGROUP answer (entries of every stream it names, in order).

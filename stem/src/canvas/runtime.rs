@@ -94,25 +94,18 @@ impl Effects {
         let backend = stem.backend();
         futures_util::future::try_join_all(self.inits.iter().map(|(id, n)| backend.group_init(*id, *n)))
             .await?;
-        if self.envelopes.len() <= PUBLISH_BATCH {
-            if !self.envelopes.is_empty() {
-                stem.publish(self.envelopes).await?;
-            }
-        } else {
-            // A big group: publish it in batches, a few in flight at once, so the first
-            // members are ready for workers while the rest are still being sent (and each
-            // batch is small enough for an adapter to store records and envelopes together).
-            let mut envelopes = self.envelopes;
-            let mut batches = Vec::with_capacity(envelopes.len().div_ceil(PUBLISH_BATCH));
-            while !envelopes.is_empty() {
-                let rest = envelopes.split_off(envelopes.len().min(PUBLISH_BATCH));
-                batches.push(std::mem::replace(&mut envelopes, rest));
-            }
-            futures_util::stream::iter(batches.into_iter().map(|batch| stem.publish(batch)))
-                .buffered(PUBLISH_IN_FLIGHT)
-                .try_collect::<Vec<()>>()
-                .await?;
-        }
+        // A big group goes out in batches, a few in flight at once, so the first members are
+        // ready for workers while the rest are still being sent (and each batch is small
+        // enough for an adapter to store records and envelopes together).
+        let mut envelopes = self.envelopes.into_iter();
+        let batches = std::iter::from_fn(|| {
+            let batch: Vec<Envelope> = envelopes.by_ref().take(PUBLISH_BATCH).collect();
+            (!batch.is_empty()).then_some(batch)
+        });
+        futures_util::stream::iter(batches.map(|batch| stem.publish(batch)))
+            .buffered(PUBLISH_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
         if !self.groups.is_empty() {
             backend.set(self.groups).await?;
         }
