@@ -266,3 +266,110 @@ async fn racing_completions_reach_every_waiter_and_leave_no_subscription_behind(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Entries of `stream` and the deliveries pending in its group.
+async fn stream_sizes(raw: &mut redis::aio::MultiplexedConnection, stream: &str) -> (u64, u64) {
+    let len: u64 = redis::cmd("XLEN").arg(stream).query_async(raw).await.unwrap();
+    let pending: redis::Value =
+        redis::cmd("XPENDING").arg(stream).arg("stem").query_async(raw).await.unwrap();
+    let redis::Value::Array(summary) = pending else { panic!("XPENDING summary: {pending:?}") };
+    let count = match summary.first() {
+        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap(),
+        other => panic!("XPENDING count: {other:?}"),
+    };
+    (len, count)
+}
+
+fn succeeded(env: &Envelope, result: serde_json::Value) -> TaskStatus {
+    let mut s = TaskStatus::for_envelope(env, TaskState::Succeeded);
+    s.result = Some(result);
+    s
+}
+
+/// A finish well within its leases takes the plain-command path: terminal records stored and
+/// announced to waiters, `running` records still fenced (never over an outcome, also when the
+/// server has forgotten the scripts), and the entries acked and deleted.
+#[tokio::test]
+async fn a_finish_within_the_lease_stores_announces_and_removes_without_the_script() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = Arc::new(RedisBackend::new(conn, &ns, Duration::from_secs(60)));
+    let envs: Vec<Envelope> = (0..3).map(|n| env_at("q", n, 0)).collect();
+    let queued = envs.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+    b.record_and_publish(&*backend, queued, envs.clone()).await.unwrap();
+    let got = b.consume(&req(10, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|d| d.receipt.held_until.is_some()), "the broker says how long the leases hold");
+    let waiter = {
+        let (backend, id) = (Arc::clone(&backend), envs[0].id);
+        tokio::spawn(async move { backend.wait(id, Duration::from_secs(10)).await })
+    };
+    // A fourth task still running, reported in the same batch.
+    let other = env_at("q", 99, 0);
+    let mut statuses = vec![TaskStatus::for_envelope(&other, TaskState::Running)];
+    statuses.extend(envs.iter().map(|e| succeeded(e, serde_json::json!(e.args["n"]))));
+    let receipts = got.iter().map(|d| d.receipt.clone()).collect();
+
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    // The server forgets every script: the running record must still be written.
+    redis::cmd("SCRIPT").arg("FLUSH").exec_async(&mut raw).await.unwrap();
+    b.record_and_ack(&*backend, statuses, receipts).await.unwrap();
+
+    let woken = waiter.await.unwrap().unwrap().expect("the waiter sees the outcome");
+    assert_eq!((woken.state, woken.result), (TaskState::Succeeded, Some(serde_json::json!(0))));
+    for e in &envs {
+        let s = backend.get(e.id).await.unwrap().unwrap();
+        assert_eq!((s.state, s.result), (TaskState::Succeeded, Some(e.args["n"].clone())));
+    }
+    assert_eq!(backend.get(other.id).await.unwrap().unwrap().state, TaskState::Running);
+    assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (0, 0), "acked and deleted");
+
+    // A late `running` record of a finished task is refused, on this path too.
+    b.record_and_ack(&*backend, vec![TaskStatus::for_envelope(&envs[1], TaskState::Running)], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(backend.get(envs[1].id).await.unwrap().unwrap().state, TaskState::Succeeded);
+}
+
+/// Progress reported while running is kept when the final record carries it, and the
+/// separately stored report goes away with the plain write.
+#[tokio::test]
+async fn a_final_record_with_progress_replaces_the_stored_report() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let env = env_at("q", 1, 0);
+    b.publish(vec![env.clone()]).await.unwrap();
+    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    let progress = stem::backend::Progress { fraction: 0.5, data: None, at: chrono::Utc::now() };
+    backend.progress(env.id, progress.clone()).await.unwrap();
+    let mut done = succeeded(&env, serde_json::json!(1));
+    done.progress = Some(progress.clone());
+    b.record_and_ack(&backend, vec![done], vec![got[0].receipt.clone()]).await.unwrap();
+    let s = backend.get(env.id).await.unwrap().unwrap();
+    assert_eq!((s.state, s.progress), (TaskState::Succeeded, Some(progress)));
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let left: bool =
+        redis::cmd("EXISTS").arg(backend.keys().progress(env.id)).query_async(&mut raw).await.unwrap();
+    assert!(!left, "the separate progress key is removed");
+}
+
+/// A finish close to the end of a lease goes through the fencing script: a receipt whose
+/// token is no longer the delivery's acks nothing.
+#[tokio::test]
+async fn a_finish_near_the_end_of_its_lease_is_fenced() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let env = env_at("q", 1, 0);
+    b.publish(vec![env.clone()]).await.unwrap();
+    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    let mut stale = got[0].receipt.clone();
+    stale.lease += 1;
+    stale.held_until = Some(std::time::Instant::now() + Duration::from_secs(1));
+    b.record_and_ack(&backend, vec![succeeded(&env, serde_json::json!(1))], vec![stale]).await.unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (1, 1), "still pending");
+    b.record_and_ack(&backend, Vec::new(), vec![got[0].receipt.clone()]).await.unwrap();
+    assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (0, 0));
+}

@@ -109,8 +109,41 @@ async fn chain_mul(a: i64, b: i64) -> i64 {
 #[derive(Parser)]
 #[command(name = "stem-bench", about = "Measure Stem throughput and latency")]
 struct Cli {
+    /// Tokio worker threads. Default: one per CPU, except for commands that run a worker on
+    /// a server URL (redis://, postgres://): one fewer (at least one), since the server on
+    /// the same small machine needs a core of its own (see docs/benchmarks.md).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Command {
+    /// The adapter URL the command runs on.
+    fn url(&self) -> &str {
+        match self {
+            Command::Drain { url, .. }
+            | Command::Latency { url, .. }
+            | Command::Enqueue { url, .. }
+            | Command::Worker { url, .. }
+            | Command::Count { url }
+            | Command::Chord { url, .. }
+            | Command::CanvasWorker { url, .. }
+            | Command::CanvasEnqueue { url, .. } => url,
+        }
+    }
+
+    /// Whether the command runs a worker.
+    fn runs_worker(&self) -> bool {
+        !matches!(self, Command::Enqueue { .. } | Command::Count { .. } | Command::CanvasEnqueue { .. })
+    }
+}
+
+/// The default of `--threads` for `command`.
+fn default_threads(command: &Command) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let embedded = matches!(adapter_name(command.url()), "memory" | "sqlite");
+    if command.runs_worker() && !embedded { cpus.saturating_sub(1).max(1) } else { cpus }
 }
 
 #[derive(Subcommand)]
@@ -553,7 +586,9 @@ fn main() -> std::process::ExitCode {
         .init();
     // The command runs as a spawned task, on the runtime's worker threads like the code it
     // measures, not on the main thread (whose every wake-up would be a cross-thread hop).
-    let result = tokio::runtime::Runtime::new().map_err(BoxError::from).and_then(|rt| {
+    let threads = cli.threads.unwrap_or_else(|| default_threads(&cli.command)).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build();
+    let result = runtime.map_err(BoxError::from).and_then(|rt| {
         rt.block_on(async {
             match tokio::spawn(run(cli.command)).await {
                 Ok(result) => result,

@@ -78,9 +78,19 @@ async fn on_error(failure: CanvasFailure, tag: String) {
     record(&tag, failure);
 }
 
+/// Reports progress twice while running, then returns `n`.
+#[task(name = "canvas.progress")]
+async fn reports_progress(ctx: TaskContext, n: i64) -> Result<i64, TaskError> {
+    ctx.progress(0.25, Some(serde_json::json!({"stage": "first"}))).await?;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    ctx.progress(0.75, None).await?;
+    Ok(n)
+}
+
 fn registry() -> Arc<Registry> {
     Arc::new(
         Registry::new()
+            .register::<reports_progress>()
             .register::<add>()
             .register::<mul>()
             .register::<sum>()
@@ -354,6 +364,28 @@ pub async fn immutable_steps_ignore_the_previous_output(h: &impl Harness) {
     assert_eq!(env.stem.enqueue_canvas(c).await.unwrap().wait(WAIT).await.unwrap(), 35);
     env.drain().await;
     assert_eq!(records(&tag), vec![serde_json::json!(7)]);
+}
+
+/// Not a canvas shape but a worker check that needs the same environment: the last progress
+/// a task reported stays on its final record (the record carries it), whatever the adapter
+/// does with separately stored reports when the outcome is written.
+pub async fn progress_reported_by_a_task_stays_on_its_final_record(h: &impl Harness) {
+    let env = CanvasEnv::new(h, 1).await;
+    let handles: Vec<_> = {
+        let mut v = Vec::new();
+        for n in 0..8 {
+            v.push(env.stem.enqueue(reports_progress::new(n)).await.unwrap());
+        }
+        v
+    };
+    for (n, handle) in (0..).zip(&handles) {
+        assert_eq!(handle.wait(WAIT).await.unwrap(), n);
+        let status = env.backend.get(handle.id()).await.unwrap().expect("a record");
+        assert_eq!(status.state, TaskState::Succeeded);
+        let progress = status.progress.expect("the final record keeps the progress");
+        assert!((progress.fraction - 0.75).abs() < 1e-9, "the last report: {progress:?}");
+    }
+    env.drain().await;
 }
 
 pub async fn group_progress_counts_failures(h: &impl Harness) {

@@ -214,7 +214,8 @@ macro_rules! canvas_tests {
             duplicate_deliveries_start_nothing_twice,
             failed_member_records_retry_the_delivery,
             shutdown_waits_for_member_bookkeeping,
-            canvas_state_expires_with_the_result_ttl
+            canvas_state_expires_with_the_result_ttl,
+            progress_reported_by_a_task_stays_on_its_final_record
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -426,6 +426,7 @@ impl PgBroker {
                             queue: q,
                             tag: id.to_string(),
                             lease: u64::try_from(token).unwrap_or(0),
+                            held_until: None,
                         },
                         redelivered: deliveries > 1,
                     });

@@ -135,8 +135,35 @@ impl RedisBackend {
         if missed.is_empty() { Ok(()) } else { self.set_fenced(missed).await }
     }
 
+    /// The fencing script's call writing `statuses` (at most one chunk), for a pipeline.
+    pub(crate) fn set_fenced_call(&self, statuses: &[TaskStatus]) -> Result<Eval> {
+        let mut e = self.inner.eval(&scripts::SET_STATUS);
+        e.arg(millis(self.inner.ttl));
+        for s in statuses {
+            push_status_args(&mut e, s)?;
+        }
+        Ok(e)
+    }
+
+    /// Append the plain commands that store the terminal record `s` of a delivery whose lease
+    /// is known to hold (see `RedisBroker::record_and_ack`): `SET` with the TTL, removal of the
+    /// separate progress key when the record carries its progress itself, and the completion
+    /// message. The stored value and the message are the fencing script's, byte for byte.
+    pub(crate) fn push_terminal(&self, pipe: &mut redis::Pipeline, s: &TaskStatus) -> Result<()> {
+        let mut value = Vec::with_capacity(512);
+        write!(value, "{}:1:0|", s.attempt).map_err(Error::backend)?;
+        serde_json::to_writer(&mut value, s)?;
+        let keys = &self.inner.keys;
+        pipe.cmd("SET").arg(keys.record(s.id)).arg(&value).arg("PX").arg(millis(self.inner.ttl));
+        if s.progress.is_some() {
+            pipe.cmd("DEL").arg(keys.progress(s.id));
+        }
+        pipe.cmd("PUBLISH").arg(keys.done(s.id)).arg(value);
+        Ok(())
+    }
+
     /// Write records through the fencing script.
-    async fn set_fenced(&self, statuses: Vec<TaskStatus>) -> Result<()> {
+    pub(crate) async fn set_fenced(&self, statuses: Vec<TaskStatus>) -> Result<()> {
         let inner = &self.inner;
         let ttl = millis(inner.ttl);
         for chunk in statuses.chunks(SET_CHUNK) {

@@ -1,5 +1,6 @@
-//! The Redis broker: one stream per queue and priority with one consumer group, leases in a
-//! sorted set, delays in a sorted set, a hash-backed DLQ, and a stream per broadcast channel.
+//! The Redis broker: one stream per queue and priority with one consumer group (whose pending
+//! entries are the leases), delays in a sorted set, a hash-backed DLQ, and a stream per
+//! broadcast channel.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,16 @@ const BLOCK_SLACK: Duration = Duration::from_secs(5);
 /// delayed envelopes and takes back expired leases) instead of the plain `XREADGROUP` fast
 /// path.
 const SCRIPT_EVERY: Duration = Duration::from_millis(250);
+
+/// A finish skips the fencing script while every receipt's lease certainly holds for at least
+/// this much longer (see `Receipt::held_until`). While a lease holds, nobody else can have
+/// taken the delivery: its token is still the receipt's and no later attempt of the task
+/// exists, which is all the script would check. The margin covers the time the plain
+/// commands take to reach Redis; were they held up longer (a stalled connection), the worst
+/// they could do is what the script allows anyway: this attempt's terminal record replaces
+/// the same attempt's terminal record of a redelivery, and the ack removes a delivery whose
+/// task has its outcome stored.
+const FENCE_MARGIN: Duration = Duration::from_secs(5);
 
 /// A broker on Redis streams. Cheap to clone; clones share connections.
 #[derive(Clone, Debug)]
@@ -139,6 +150,31 @@ fn push_receipts(eval: &mut Eval, receipts: &[Receipt]) {
         for (id, token, _) in list {
             eval.arg(id).arg(token);
         }
+    }
+}
+
+/// Whether every receipt's lease holds for at least [`FENCE_MARGIN`] more.
+fn leases_held(receipts: &[Receipt]) -> bool {
+    let Some(limit) = std::time::Instant::now().checked_add(FENCE_MARGIN) else { return false };
+    receipts.iter().all(|r| r.held_until.is_some_and(|t| t > limit))
+}
+
+/// Append `XACK` and `XDEL` of the receipts' entries to `pipe`, one pair per stream.
+fn push_plain_acks(pipe: &mut redis::Pipeline, keys: &Keys, receipts: &[Receipt]) {
+    let mut streams: Vec<((&str, u8), Vec<&str>)> = Vec::new();
+    for r in receipts {
+        let Some((p, id)) = r.tag.split_once(':') else { continue };
+        let Ok(p) = p.parse::<u8>() else { continue };
+        let stream = (&*r.queue, p);
+        match streams.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, ids)) => ids.push(id),
+            None => streams.push((stream, vec![id])),
+        }
+    }
+    for ((queue, p), ids) in streams {
+        let key = keys.stream(queue, p);
+        pipe.cmd("XACK").arg(&key).arg(super::keys::GROUP).arg(&ids);
+        pipe.cmd("XDEL").arg(key).arg(&ids);
     }
 }
 
@@ -349,6 +385,8 @@ impl RedisBroker {
                 return Ok((Vec::new(), Consumed::Idle { next_due: Some(until), last_ids }));
             }
         };
+        // Every lease handed out by this fetch starts after this instant.
+        let sent = std::time::Instant::now();
         let consumed = self.fetch_detached(fast, req.clone(), Arc::clone(&names)).await?;
         let raws = match consumed {
             Consumed::Deliveries(raws) => raws,
@@ -359,7 +397,8 @@ impl RedisBroker {
             let Some(queue) = names.get(raw.queue) else {
                 continue;
             };
-            let receipt = Receipt { queue: Arc::clone(queue), tag: raw.tag, lease: raw.token };
+            let mut receipt =
+                Receipt { queue: Arc::clone(queue), tag: raw.tag, lease: raw.token, held_until: None };
             let parsed = if raw.has_envelope {
                 Envelope::from_json(&raw.payload).map_err(|e| e.to_string())
             } else {
@@ -367,6 +406,10 @@ impl RedisBroker {
             };
             match parsed {
                 Ok(envelope) => {
+                    // The lease is the consumer's until the entry's own one is set (right after
+                    // the read, see `fetch_native`): the shorter of the two holds throughout.
+                    let lease = envelope.visibility_timeout.map_or(req.lease, |v| v.min(req.lease));
+                    receipt.held_until = sent.checked_add(lease);
                     out.push(Delivery { envelope: Arc::new(envelope), receipt, redelivered: raw.token > 1 })
                 }
                 Err(why) => self.dead_letter_malformed(receipt, &raw.payload, why).await?,
@@ -522,13 +565,55 @@ impl RedisBroker {
         Ok(Consumed::Deliveries(raws))
     }
 
+    /// Record and ack for deliveries whose leases hold, in one pipeline and in this order:
+    /// records that are not terminal (a task's `running` state) through the fencing script,
+    /// since they must never replace an outcome; terminal records with plain `SET`s and their
+    /// completion messages; then `XACK` and `XDEL` per stream.
+    async fn finish_plain(
+        &self,
+        b: &RedisBackend,
+        statuses: Vec<TaskStatus>,
+        receipts: &[Receipt],
+    ) -> Result<()> {
+        let (terminal, running): (Vec<_>, Vec<_>) = statuses.into_iter().partition(|s| s.state.is_terminal());
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if !running.is_empty() {
+            pipe.add_command(b.set_fenced_call(&running)?.command().clone());
+        }
+        for s in &terminal {
+            b.push_terminal(&mut pipe, s)?;
+        }
+        push_plain_acks(&mut pipe, &self.keys, receipts);
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
+        let mut script_missing = false;
+        for (i, answer) in answers.iter().enumerate() {
+            if let Value::ServerError(e) = answer {
+                if i == 0 && !running.is_empty() && e.code() == "NOSCRIPT" {
+                    script_missing = true;
+                    continue;
+                }
+                return Err(err(format!("finishing deliveries: {} {}", e.code(), e.details().unwrap_or(""))));
+            }
+        }
+        if script_missing {
+            // After the terminal records: the script refuses a `running` record over one.
+            b.set_fenced(running).await?;
+        }
+        Ok(())
+    }
+
     /// Give back deliveries nobody waited for (released: the next consume that looks for
     /// expired leases redelivers them first).
     async fn release_unwanted(&self, raws: Vec<Raw>, queues: &[Arc<str>]) {
         let n = raws.len();
         for raw in raws {
             let Some(queue) = queues.get(raw.queue) else { continue };
-            let receipt = Receipt { queue: Arc::clone(queue), tag: raw.tag, lease: raw.token };
+            let receipt =
+                Receipt { queue: Arc::clone(queue), tag: raw.tag, lease: raw.token, held_until: None };
             if let Err(e) = self.nack(receipt, true).await {
                 tracing::warn!(error = %e, "giving back a delivery of an abandoned fetch failed; it comes back when its lease lapses");
             }
@@ -688,6 +773,14 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let colocated = self.same_store(backend);
             match colocated {
+                // Every lease certainly holds: plain commands, no script (see FENCE_MARGIN).
+                Some(b)
+                    if statuses.len() <= FINISH_CHUNK
+                        && receipts.len() <= FINISH_CHUNK
+                        && leases_held(&receipts) =>
+                {
+                    self.finish_plain(b, statuses, &receipts).await
+                }
                 // One script: the records, then the acks, atomically and in one round trip.
                 Some(b) if statuses.len() <= FINISH_CHUNK && receipts.len() <= FINISH_CHUNK => {
                     let mut e = self.eval(&scripts::FINISH);

@@ -56,6 +56,11 @@ impl Eval {
         self
     }
 
+    /// The `EVALSHA` command, to send in a pipeline (whose caller handles `NOSCRIPT`).
+    pub(crate) fn command(&self) -> &Cmd {
+        &self.cmd
+    }
+
     /// Run it, loading the script first if the server does not know it.
     pub(crate) async fn run<T: FromRedisValue>(&self, conn: &mut ConnectionManager) -> RedisResult<T> {
         match self.cmd.query_async(conn).await {

@@ -214,6 +214,7 @@ impl SqliteBroker {
                             queue: q,
                             tag: id.to_string(),
                             lease: u64::try_from(token).unwrap_or(0),
+                            held_until: None,
                         },
                         redelivered: deliveries > 1,
                     });

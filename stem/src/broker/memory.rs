@@ -159,7 +159,12 @@ impl State {
                     out.push(Delivery {
                         envelope: Arc::clone(&ready.envelope),
                         // The lease number identifies the delivery; no tag string is needed.
-                        receipt: Receipt { queue: Arc::clone(&qname), tag: String::new(), lease: tag },
+                        receipt: Receipt {
+                            queue: Arc::clone(&qname),
+                            tag: String::new(),
+                            lease: tag,
+                            held_until: None,
+                        },
                         redelivered: ready.deliveries > 0,
                     });
                     self.leases.insert((deadline, tag), ());

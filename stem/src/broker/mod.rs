@@ -48,6 +48,12 @@ pub struct Receipt {
     pub tag: String,
     /// Lease token for fencing (increases with each delivery of the same task).
     pub lease: u64,
+    /// Until when, by this process's monotonic clock, the lease is certainly still held: the
+    /// broker counts the lease from before it asked for the delivery, so the lease cannot have
+    /// lapsed on the server earlier. Brokers may skip fencing checks that a lease known to be
+    /// live makes unnecessary. `None`: the broker does not say. Renewals do not move it, and it
+    /// means nothing once the holder gave the delivery back (nack, retry, dead-letter).
+    pub held_until: Option<std::time::Instant>,
 }
 
 /// One leased envelope.

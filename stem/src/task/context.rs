@@ -35,6 +35,8 @@ struct Inner {
     terminated: AtomicBool,
     terminate_notify: Notify,
     lease: Option<Lease>,
+    /// The last progress this context stored: the worker puts it on the final record.
+    progress: parking_lot::Mutex<Option<Progress>>,
 }
 
 pub(crate) struct Lease {
@@ -55,6 +57,7 @@ impl TaskContext {
                 terminated: AtomicBool::new(false),
                 terminate_notify: Notify::new(),
                 lease: Some(lease),
+                progress: parking_lot::Mutex::new(None),
             }),
         }
     }
@@ -72,6 +75,7 @@ impl TaskContext {
                 terminated: AtomicBool::new(false),
                 terminate_notify: Notify::new(),
                 lease: None,
+                progress: parking_lot::Mutex::new(None),
             }),
         }
     }
@@ -138,7 +142,14 @@ impl TaskContext {
             return Ok(());
         };
         let progress = Progress { fraction: fraction.clamp(0.0, 1.0), data, at: Utc::now() };
-        producer.backend().progress(self.id(), progress).await
+        producer.backend().progress(self.id(), progress.clone()).await?;
+        *self.inner.progress.lock() = Some(progress);
+        Ok(())
+    }
+
+    /// The last progress reported through this context, if any.
+    pub(crate) fn last_progress(&self) -> Option<Progress> {
+        self.inner.progress.lock().clone()
     }
 
     /// An error asking for a retry after `delay`; return it: `return Err(ctx.retry(d))`.

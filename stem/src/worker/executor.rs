@@ -123,7 +123,7 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
 
     if let Some(store) = &shared.revokes {
         match store.get(env.id).await {
-            Ok(Some(revocation)) => return revoked(shared, env, receipt, &revocation.reason),
+            Ok(Some(revocation)) => return revoked(shared, env, receipt, &revocation.reason, None),
             Ok(None) => {}
             Err(e) => tracing::warn!(id = %env.id, error = %e, "revoke check failed; running the task"),
         }
@@ -201,16 +201,20 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
         shared.running.lock().remove(&env.id);
     }
     let duration = clock.elapsed();
+    // The final record carries the task's last progress itself, so no backend has to merge
+    // a separately stored report into it.
+    let progress = ctx.last_progress();
     drop(ctx);
 
     let outcome = match run {
         Run::Released => return finished(None, receipt, Action::Release),
-        Run::Terminated => return revoked(shared, env, receipt, "terminated while running"),
+        Run::Terminated => return revoked(shared, env, receipt, "terminated while running", progress),
         Run::Done(r) => r,
     };
     let mut status = TaskStatus::for_envelope(&env, TaskState::Succeeded);
     status.started_at = Some(started_at);
     status.worker_id = Some(Arc::clone(worker_id));
+    status.progress = progress;
     let (record, state) = match outcome {
         Ok(value) => {
             signals.emit(|| TaskSucceeded {
@@ -236,8 +240,15 @@ async fn prepare_and_run(shared: &Arc<Shared>, env: Arc<Envelope>, receipt: Rece
 }
 
 /// Record a revoked task as cancelled and finish its delivery.
-fn revoked(shared: &Shared, env: Arc<Envelope>, receipt: Receipt, reason: &str) -> Record {
+fn revoked(
+    shared: &Shared,
+    env: Arc<Envelope>,
+    receipt: Receipt,
+    reason: &str,
+    progress: Option<crate::backend::Progress>,
+) -> Record {
     let mut status = TaskStatus::for_envelope(&env, TaskState::Cancelled);
+    status.progress = progress;
     status.error = Some(TaskFailure::new("revoked", reason, false));
     status.worker_id = Some(Arc::clone(&shared.worker_id));
     tracing::info!(task = %env.task, id = %env.id, reason, "revoked; not run");
