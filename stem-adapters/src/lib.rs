@@ -34,6 +34,9 @@ pub mod sqlite;
 #[path = "postgres/sql_shared.rs"]
 mod sql_shared;
 
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+mod detached;
+
 use std::sync::Arc;
 
 use stem::backend::ResultBackend;

@@ -454,22 +454,17 @@ impl PgBroker {
         Ok(out)
     }
 
-    /// [`claim`](Self::claim) on a task of its own. A consumer that stops waiting (a worker
-    /// shutting down drops its fetch) may do so after the claim committed on the server:
-    /// the rows would then stay leased to nobody until their lease lapsed. Here the claim
-    /// always completes, and deliveries nobody takes any more are put back at once (their
-    /// delivery count restored), so a graceful shutdown leaves nothing leased.
+    /// [`claim`](Self::claim) on a task of its own (see [`crate::detached`]): the claim always
+    /// completes, and deliveries nobody takes any more are put back at once (their delivery
+    /// count restored), so a graceful shutdown leaves nothing leased.
     async fn claim_detached(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
+        let (this, back) = (self.clone(), self.clone());
         let req = req.clone();
-        tokio::spawn(async move {
-            let claimed = this.claim(&req).await;
-            if let Err(Ok(unwanted)) = tx.send(claimed) {
-                this.release(unwanted).await;
-            }
-        });
-        rx.await.map_err(|_| stem::Error::broker("the claim task stopped before answering"))?
+        crate::detached::fetch_detached(async move { this.claim(&req).await }, move |unwanted| {
+            let broker = back.clone();
+            Box::pin(async move { broker.release(unwanted).await })
+        })
+        .await
     }
 
     /// Put deliveries that were claimed but never handed out back to `ready`.

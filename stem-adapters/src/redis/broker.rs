@@ -449,28 +449,30 @@ impl RedisBroker {
         }
     }
 
-    /// Fetch on a task of its own. A consumer that stops waiting (a worker shutting down drops
-    /// its fetch) may do so after the server leased entries to it: they would stay leased to
-    /// nobody until their lease lapsed. Here the call always completes, and deliveries nobody
-    /// takes any more are given back at once.
+    /// Fetch on a task of its own (see [`crate::detached`]): the call always completes, and
+    /// deliveries nobody takes any more are given back at once.
     async fn fetch_detached(
         &self,
         fast: Option<u8>,
         req: ConsumeRequest,
         queues: Arc<[Arc<str>]>,
     ) -> Result<Consumed> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
-        tokio::spawn(async move {
-            let fetched = match fast {
+        let (this, back) = (self.clone(), self.clone());
+        let fetch = async move {
+            match fast {
                 Some(p) => this.fetch_native(&req, p).await,
                 None => this.fetch_script(&req).await,
-            };
-            if let Err(Ok(Consumed::Deliveries(unwanted))) = tx.send(fetched) {
-                this.release_unwanted(unwanted, &queues).await;
             }
-        });
-        rx.await.map_err(|_| err("the consume call stopped before answering"))?
+        };
+        crate::detached::fetch_detached(fetch, move |unwanted| {
+            let (broker, queues) = (back.clone(), Arc::clone(&queues));
+            Box::pin(async move {
+                if let Consumed::Deliveries(raws) = unwanted {
+                    broker.release_unwanted(raws, &queues).await;
+                }
+            })
+        })
+        .await
     }
 
     /// The consume script: delayed promotion, expired leases, every priority in order.

@@ -254,20 +254,16 @@ impl SqliteBroker {
         tx.commit().await.map_err(db_err)
     }
 
-    /// [`claim`](Self::claim) on a task of its own: a consumer that stops waiting mid-claim
-    /// (a worker shutting down drops its fetch) never strands rows leased to nobody, since
-    /// deliveries nobody takes any more are put back at once, their delivery count restored.
+    /// [`claim`](Self::claim) on a task of its own (see [`crate::detached`]): deliveries
+    /// nobody takes any more are put back at once, their delivery count restored.
     async fn claim_detached(&self, req: &ConsumeRequest) -> Result<Vec<Delivery>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
+        let (this, back) = (self.clone(), self.clone());
         let req = req.clone();
-        tokio::spawn(async move {
-            let claimed = this.claim(&req).await;
-            if let Err(Ok(unwanted)) = tx.send(claimed) {
-                this.release(unwanted).await;
-            }
-        });
-        rx.await.map_err(|_| stem::Error::broker("the claim task stopped before answering"))?
+        crate::detached::fetch_detached(async move { this.claim(&req).await }, move |unwanted| {
+            let broker = back.clone();
+            Box::pin(async move { broker.release(unwanted).await })
+        })
+        .await
     }
 
     /// Put deliveries that were claimed but never handed out back to `ready`.

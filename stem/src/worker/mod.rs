@@ -34,6 +34,11 @@ use crate::signals::{Signals, WorkerShutdown, WorkerStopping};
 use crate::store::{RateLimiter, RevokeStore};
 use crate::task::{Registry, TaskContext};
 
+/// Finished canvas deliveries whose bookkeeping may be out at once, per slot: enough that the
+/// fetches, member records and outcome writes of several batches overlap (a batch's
+/// bookkeeping is two round trips, its run often none).
+const REPORTING_PER_SLOT: usize = 4;
+
 /// Settings of one worker.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -193,7 +198,7 @@ impl WorkerBuilder {
         let shared = Arc::new(Shared {
             worker_id: Arc::from(config.worker_id.as_str()),
             slots: Arc::new(Semaphore::new(config.concurrency)),
-            reporting: Arc::new(Semaphore::new(config.concurrency)),
+            reporting: Arc::new(Semaphore::new(config.concurrency * REPORTING_PER_SLOT)),
             config,
             registry,
             broker: self.broker,
@@ -373,7 +378,8 @@ impl Worker {
         }
         drop(drained);
         // Canvas bookkeeping still out hands its outcomes to the recorder first.
-        let _ = shared.reporting.acquire_many(all).await;
+        let reporting = u32::try_from(shared.config.concurrency * REPORTING_PER_SLOT).unwrap_or(u32::MAX);
+        let _ = shared.reporting.acquire_many(reporting).await;
         shared.recorder_done.cancel();
         let _ = recorder.await;
         heartbeats.abort();
