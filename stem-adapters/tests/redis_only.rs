@@ -373,3 +373,52 @@ async fn a_finish_near_the_end_of_its_lease_is_fenced() {
     b.record_and_ack(&backend, Vec::new(), vec![got[0].receipt.clone()]).await.unwrap();
     assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (0, 0));
 }
+
+/// `queued` records of time-ordered ids live in slot hashes: a batch writes them with one
+/// `HSET`, reads find them, the task's own record supersedes them and removes them, progress
+/// reported before any other record is kept, and `forget` removes them too.
+#[tokio::test]
+async fn queued_records_in_slot_hashes_behave_like_records_of_their_own() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let envs: Vec<Envelope> = (0..3).map(|n| env_at("q", n, 0)).collect();
+    let queued = envs.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+    b.record_and_publish(&backend, queued, envs.clone()).await.unwrap();
+    let hash = backend.keys().queued(envs[0].id).expect("a time-ordered id");
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let own: bool =
+        redis::cmd("EXISTS").arg(backend.keys().record(envs[0].id)).query_async(&mut raw).await.unwrap();
+    assert!(!own, "no key of its own yet");
+    let ttl: i64 = redis::cmd("PTTL").arg(&hash).query_async(&mut raw).await.unwrap();
+    assert!(ttl > 50_000, "the slot hash expires with the records' TTL: {ttl}");
+    for e in &envs {
+        assert_eq!(backend.get(e.id).await.unwrap().unwrap().state, TaskState::Queued);
+    }
+
+    let progress = stem::backend::Progress { fraction: 0.5, data: None, at: chrono::Utc::now() };
+    backend.progress(envs[2].id, progress.clone()).await.unwrap();
+    assert_eq!(backend.get(envs[2].id).await.unwrap().unwrap().progress, Some(progress));
+
+    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got[0].envelope.id, envs[0].id);
+    b.record_and_ack(&backend, vec![succeeded(&envs[0], serde_json::json!(0))], vec![got[0].receipt.clone()])
+        .await
+        .unwrap();
+    assert_eq!(backend.get(envs[0].id).await.unwrap().unwrap().state, TaskState::Succeeded);
+    let left: bool =
+        redis::cmd("HEXISTS").arg(&hash).arg(envs[0].id.to_string()).query_async(&mut raw).await.unwrap();
+    assert!(!left, "the outcome's record removed the queued one");
+
+    // A terminal record written outside a finish (a revoke, say) removes it as well.
+    backend.set(vec![TaskStatus::for_envelope(&envs[1], TaskState::Cancelled)]).await.unwrap();
+    assert_eq!(backend.get(envs[1].id).await.unwrap().unwrap().state, TaskState::Cancelled);
+    backend.forget(envs[2].id).await.unwrap();
+    assert!(backend.get(envs[2].id).await.unwrap().is_none());
+    for e in &envs {
+        let hash = backend.keys().queued(e.id).unwrap();
+        let left: bool =
+            redis::cmd("HEXISTS").arg(hash).arg(e.id.to_string()).query_async(&mut raw).await.unwrap();
+        assert!(!left, "no queued record left for {}", e.id);
+    }
+}

@@ -114,14 +114,14 @@ impl RedisBackend {
         self.inner.ttl
     }
 
-    /// Append `queued` records as `SET … NX` commands to `pipe`, ahead of the commands that
+    /// Append the commands writing `queued` records to `pipe`, ahead of the commands that
     /// publish their envelopes (see `RedisBroker::record_and_publish`).
     pub(crate) fn push_create_queued(
         &self,
         pipe: &mut redis::Pipeline,
         statuses: &[TaskStatus],
-    ) -> Result<()> {
-        statuses.iter().try_for_each(|s| self.inner.push_create_queued(pipe, s))
+    ) -> Result<QueuedWrites> {
+        self.inner.push_create_queued(pipe, statuses)
     }
 
     /// Given the answers to [`Self::push_create_queued`]'s commands, write the records that
@@ -130,9 +130,22 @@ impl RedisBackend {
         &self,
         statuses: &[TaskStatus],
         answers: &[Value],
+        writes: &QueuedWrites,
     ) -> Result<()> {
-        let missed = missed_creates(statuses, answers);
+        let missed = writes.missed(statuses, answers);
         if missed.is_empty() { Ok(()) } else { self.set_fenced(missed).await }
+    }
+
+    /// Append `HDEL`s removing the `queued` records of these tasks from their slot hashes
+    /// (their own record, written now, supersedes them).
+    pub(crate) fn push_drop_queued<'s>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        statuses: impl IntoIterator<Item = &'s TaskStatus>,
+    ) {
+        for (hash, ids) in by_queued_hash(&self.inner.keys, statuses) {
+            pipe.cmd("HDEL").arg(hash).arg(ids);
+        }
     }
 
     /// The fencing script's call writing `statuses` (at most one chunk), for a pipeline.
@@ -162,7 +175,8 @@ impl RedisBackend {
         Ok(())
     }
 
-    /// Write records through the fencing script.
+    /// Write records through the fencing script, then drop the `queued` records that
+    /// terminal ones supersede.
     pub(crate) async fn set_fenced(&self, statuses: Vec<TaskStatus>) -> Result<()> {
         let inner = &self.inner;
         let ttl = millis(inner.ttl);
@@ -173,14 +187,59 @@ impl RedisBackend {
                 push_status_args(&mut e, s)?;
             }
             e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
+            let mut drop = redis::pipe();
+            self.push_drop_queued(&mut drop, chunk.iter().filter(|s| s.state.is_terminal()));
+            if !drop.is_empty() {
+                drop.query_async::<()>(&mut inner.cmd()).await.map_err(err)?;
+            }
         }
         Ok(())
     }
 }
 
-/// The records whose `SET … NX` (answers in the same order) found an existing record.
-fn missed_creates(statuses: &[TaskStatus], answers: &[Value]) -> Vec<TaskStatus> {
-    statuses.iter().zip(answers).filter(|(_, a)| matches!(a, Value::Nil)).map(|(s, _)| s.clone()).collect()
+/// Task ids (as text) grouped by the slot hash holding their `queued` record, for the ids
+/// that have one.
+fn by_queued_hash<'s>(
+    keys: &Keys,
+    statuses: impl IntoIterator<Item = &'s TaskStatus>,
+) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for s in statuses {
+        let Some(hash) = keys.queued(s.id) else { continue };
+        match out.iter_mut().find(|(h, _)| *h == hash) {
+            Some((_, ids)) => ids.push(s.id.to_string()),
+            None => out.push((hash, vec![s.id.to_string()])),
+        }
+    }
+    out
+}
+
+/// Which answers of the commands `push_create_queued` appended are `SET … NX`es, and of
+/// which status: an answer `nil` there means the task already had a record.
+#[derive(Debug, Default)]
+pub(crate) struct QueuedWrites {
+    /// Per command, in order: the index of the status it writes with `SET … NX`, or `None`
+    /// for a slot hash's `HSET` or `PEXPIRE`.
+    commands: Vec<Option<usize>>,
+}
+
+impl QueuedWrites {
+    /// How many commands were appended (their answers come first in the pipeline's).
+    pub(crate) fn commands(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// The statuses whose `SET … NX` found an existing record.
+    fn missed(&self, statuses: &[TaskStatus], answers: &[Value]) -> Vec<TaskStatus> {
+        self.commands
+            .iter()
+            .zip(answers)
+            .filter_map(|(at, answer)| match (at, answer) {
+                (Some(i), Value::Nil) => statuses.get(*i).cloned(),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Append one record's three script arguments (see `scripts/status_lib.lua`).
@@ -193,6 +252,14 @@ pub(crate) fn push_status_args(e: &mut Eval, s: &TaskStatus) -> Result<()> {
     let mut id_buf = [0u8; 36];
     e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(u8::from(s.progress.is_some())).arg(value);
     Ok(())
+}
+
+/// A `queued` record as stored: `"<attempt>:0:0|<json>"`.
+fn queued_value(s: &TaskStatus) -> Result<Vec<u8>> {
+    let mut value = Vec::with_capacity(512);
+    write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
+    serde_json::to_writer(&mut value, s)?;
+    Ok(value)
 }
 
 /// `"<attempt>:<terminal>:<progress>|<json>"` → the JSON part.
@@ -226,38 +293,91 @@ impl Inner {
         e
     }
 
-    /// Write `queued` records that have no record yet (`SET NX`, pipelined); returns the
-    /// ones that found a record, which need the fencing rules.
+    /// Write `queued` records (pipelined); returns the ones that found a record of their
+    /// own, which need the fencing rules.
     async fn create_queued(&self, statuses: Vec<TaskStatus>) -> Result<Vec<TaskStatus>> {
         let mut left = Vec::new();
         for chunk in statuses.chunks(SET_CHUNK) {
             let mut pipe = redis::pipe();
-            for s in chunk {
-                self.push_create_queued(&mut pipe, s)?;
-            }
+            let writes = self.push_create_queued(&mut pipe, chunk)?;
             let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
-            left.extend(missed_creates(chunk, &answers));
+            left.extend(writes.missed(chunk, &answers));
         }
         Ok(left)
     }
 
-    /// Append `SET record value PX ttl NX` for a `queued` record to `pipe`.
-    fn push_create_queued(&self, pipe: &mut redis::Pipeline, s: &TaskStatus) -> Result<()> {
-        let mut value = Vec::with_capacity(512);
-        write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
-        serde_json::to_writer(&mut value, s)?;
-        pipe.cmd("SET").arg(self.keys.record(s.id)).arg(value).arg("PX").arg(millis(self.ttl)).arg("NX");
-        Ok(())
+    /// Append the commands writing `queued` records to `pipe`: for time-ordered ids one
+    /// `HSET` per slot hash (plus its `PEXPIRE`), since a task's first record is far the most
+    /// frequent write and a hash field costs Redis a fraction of a key with its own expiry;
+    /// for other ids `SET record value PX ttl NX`. A slot hash's field never hides anything:
+    /// reads take a task's own record key first.
+    fn push_create_queued(
+        &self,
+        pipe: &mut redis::Pipeline,
+        statuses: &[TaskStatus],
+    ) -> Result<QueuedWrites> {
+        let ttl = millis(self.ttl);
+        let mut writes = QueuedWrites::default();
+        // (slot hash, indices of its statuses), in order of first appearance.
+        let mut slots: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, s) in statuses.iter().enumerate() {
+            match self.keys.queued(s.id) {
+                Some(hash) => match slots.iter_mut().find(|(h, _)| *h == hash) {
+                    Some((_, members)) => members.push(i),
+                    None => slots.push((hash, vec![i])),
+                },
+                None => {
+                    pipe.cmd("SET")
+                        .arg(self.keys.record(s.id))
+                        .arg(queued_value(s)?)
+                        .arg("PX")
+                        .arg(ttl)
+                        .arg("NX");
+                    writes.commands.push(Some(i));
+                }
+            }
+        }
+        let mut id_buf = [0u8; 36];
+        for (hash, members) in slots {
+            pipe.cmd("HSET").arg(&hash);
+            for s in members.iter().filter_map(|i| statuses.get(*i)) {
+                pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(queued_value(s)?);
+            }
+            pipe.cmd("PEXPIRE").arg(hash).arg(ttl);
+            writes.commands.extend([None, None]);
+        }
+        Ok(writes)
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskStatus>> {
-        let (record, progress): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
-            .arg(self.keys.record(id))
-            .arg(self.keys.progress(id))
-            .query_async(&mut self.cmd())
-            .await
-            .map_err(err)?;
-        record.map(|r| decode_status(record_json(&r), progress.as_deref())).transpose()
+        let record = self.keys.record(id);
+        let progress = self.keys.progress(id);
+        type Stored = Option<Vec<u8>>;
+        let (record, progress, queued): (Stored, Stored, Stored) = match self.keys.queued(id) {
+            Some(hash) => {
+                let ((r, p), q) = redis::pipe()
+                    .cmd("MGET")
+                    .arg(record)
+                    .arg(progress)
+                    .cmd("HGET")
+                    .arg(hash)
+                    .arg(id.to_string())
+                    .query_async(&mut self.cmd())
+                    .await
+                    .map_err(err)?;
+                (r, p, q)
+            }
+            None => {
+                let (r, p) = redis::cmd("MGET")
+                    .arg(record)
+                    .arg(progress)
+                    .query_async(&mut self.cmd())
+                    .await
+                    .map_err(err)?;
+                (r, p, None)
+            }
+        };
+        record.or(queued).map(|r| decode_status(record_json(&r), progress.as_deref())).transpose()
     }
 
     async fn pubsub(self: &Arc<Self>) -> Result<ConnectionManager> {
@@ -560,7 +680,10 @@ impl ResultBackend for RedisBackend {
         Box::pin(async move {
             let inner = &self.inner;
             let mut e = inner.eval(&scripts::PROGRESS);
-            e.arg(millis(inner.ttl)).arg(id.to_string()).arg(serde_json::to_vec(&progress)?);
+            e.arg(millis(inner.ttl))
+                .arg(id.to_string())
+                .arg(serde_json::to_vec(&progress)?)
+                .arg(inner.keys.queued(id).unwrap_or_default());
             e.run::<()>(&mut inner.cmd()).await.map_err(err)
         })
     }
@@ -568,12 +691,12 @@ impl ResultBackend for RedisBackend {
     fn forget(&self, id: TaskId) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let inner = &self.inner;
-            redis::cmd("DEL")
-                .arg(inner.keys.record(id))
-                .arg(inner.keys.progress(id))
-                .query_async::<()>(&mut inner.cmd())
-                .await
-                .map_err(err)
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(inner.keys.record(id)).arg(inner.keys.progress(id));
+            if let Some(hash) = inner.keys.queued(id) {
+                pipe.cmd("HDEL").arg(hash).arg(id.to_string());
+            }
+            pipe.query_async::<()>(&mut inner.cmd()).await.map_err(err)
         })
     }
 

@@ -586,6 +586,7 @@ impl RedisBroker {
         for s in &terminal {
             b.push_terminal(&mut pipe, s)?;
         }
+        b.push_drop_queued(&mut pipe, &terminal);
         push_plain_acks(&mut pipe, &self.keys, receipts);
         if pipe.is_empty() {
             return Ok(());
@@ -720,10 +721,11 @@ impl Broker for RedisBroker {
                 // outcome.
                 Some(b) if small && statuses.iter().all(|s| s.state == TaskState::Queued) => {
                     let mut pipe = redis::pipe();
-                    b.push_create_queued(&mut pipe, &statuses)?;
+                    let writes = b.push_create_queued(&mut pipe, &statuses)?;
                     self.push_publish(&mut pipe, &envelopes).await?;
                     let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
-                    b.finish_create_queued(&statuses, &answers[..statuses.len().min(answers.len())]).await
+                    let records = &answers[..writes.commands().min(answers.len())];
+                    b.finish_create_queued(&statuses, records, &writes).await
                 }
                 _ => set_then_publish(self, backend, statuses, envelopes).await,
             }

@@ -11,12 +11,17 @@
 //! | `{ns}:dlq-seq` | string | DLQ id counter |
 //! | `{ns}:bc:{channel}` | stream, one group per subscriber | broadcast messages |
 //! | `{ns}:r:{task id}` | string, TTL | status record: `{attempt}:{terminal 0/1}:{progress key 0/1}\|{json}` |
+//! | `{ns}:rq:{slot}` | hash, TTL | `queued` records of time-ordered task ids made in one 100 ms slot: task id → record (same form); a task's own record key, once written, takes precedence |
 //! | `{ns}:p:{task id}` | string, TTL | last progress report |
 //! | `{ns}:done:{task id}` | pub/sub channel | terminal records, for `wait` |
 //! | `{ns}:g:{group id}` | hash, TTL | group: `total`, `s`, `f`, `claimed`, `m{index}` → outcome |
 //! | `{ns}:workers`, `{ns}:workers:exp` | hash, sorted set | heartbeats and their expiry |
 
 use stem::TaskId;
+
+/// Time-ordered (UUIDv7) task ids made within this many milliseconds of each other share one
+/// hash for their `queued` records.
+pub const QUEUED_SLOT_MS: u64 = 100;
 
 /// The consumer group every queue stream has.
 pub const GROUP: &str = "stem";
@@ -68,6 +73,19 @@ impl Keys {
         format!("{}:r:{id}", self.ns)
     }
 
+    /// The hash holding the `queued` record of `id` when it is a time-ordered (UUIDv7) id:
+    /// one per [`QUEUED_SLOT_MS`] of the id's timestamp, so a producer writes a batch's
+    /// `queued` records with one `HSET`. `None` for other ids: their `queued` record is their
+    /// own record key.
+    pub fn queued(&self, id: TaskId) -> Option<String> {
+        if id.0.get_version_num() != 7 {
+            return None;
+        }
+        let b = id.0.as_bytes();
+        let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+        Some(format!("{}:rq:{}", self.ns, ms / QUEUED_SLOT_MS))
+    }
+
     /// Progress of a task.
     pub fn progress(&self, id: TaskId) -> String {
         format!("{}:p:{id}", self.ns)
@@ -107,9 +125,21 @@ mod tests {
             k.progress(id),
             k.done(id),
             k.group(id),
+            k.queued(id).expect("a time-ordered id"),
         ] {
             assert!(key.starts_with("acme:"), "{key}");
         }
         assert_eq!(k.stream("emails", 3), "acme:q:emails:3");
+    }
+
+    #[test]
+    fn time_ordered_ids_of_one_slot_share_a_queued_hash() {
+        let k = Keys::new("n");
+        let at =
+            |ms: u64, low: u128| TaskId(uuid::Uuid::from_u128((u128::from(ms) << 80) | (0x7 << 76) | low));
+        assert_eq!(k.queued(at(1_234_567, 1)), Some("n:rq:12345".to_owned()));
+        assert_eq!(k.queued(at(1_234_599, 2)), k.queued(at(1_234_500, 3)), "same 100 ms slot");
+        assert_ne!(k.queued(at(1_234_600, 1)), k.queued(at(1_234_599, 1)));
+        assert_eq!(k.queued(TaskId(uuid::Uuid::new_v4())), None, "other ids keep their own key");
     }
 }
