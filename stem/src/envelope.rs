@@ -171,7 +171,10 @@ impl Envelope {
 
     /// Serialize to JSON bytes.
     pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(self)
+        // Most envelopes (a canvas task's included) fit: one allocation, no regrowth.
+        let mut out = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut out, self)?;
+        Ok(out)
     }
 
     /// Parse JSON bytes, checking the version.
