@@ -331,16 +331,23 @@ async fn a_finish_within_the_lease_stores_announces_and_removes_without_the_scri
     assert_eq!(backend.get(envs[1].id).await.unwrap().unwrap().state, TaskState::Succeeded);
 }
 
-/// Progress reported while running is kept when the final record carries it, and the
-/// separately stored report goes away with the plain write.
-#[tokio::test]
-async fn a_final_record_with_progress_replaces_the_stored_report() {
+/// A broker and backend in a fresh namespace with one task published and leased (60 s): the
+/// raw client, the envelope and the fetched deliveries.
+async fn one_leased() -> (RedisBroker, RedisBackend, redis::Client, Envelope, Vec<stem::broker::Delivery>) {
     let (conn, ns, client) = connect().await;
     let b = RedisBroker::new(conn.clone(), &ns);
     let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
     let env = env_at("q", 1, 0);
     b.publish(vec![env.clone()]).await.unwrap();
     let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    (b, backend, client, env, got)
+}
+
+/// Progress reported while running is kept when the final record carries it, and the
+/// separately stored report goes away with the plain write.
+#[tokio::test]
+async fn a_final_record_with_progress_replaces_the_stored_report() {
+    let (b, backend, client, env, got) = one_leased().await;
     let progress = stem::backend::Progress { fraction: 0.5, data: None, at: chrono::Utc::now() };
     backend.progress(env.id, progress.clone()).await.unwrap();
     let mut done = succeeded(&env, serde_json::json!(1));
@@ -358,12 +365,7 @@ async fn a_final_record_with_progress_replaces_the_stored_report() {
 /// token is no longer the delivery's acks nothing.
 #[tokio::test]
 async fn a_finish_near_the_end_of_its_lease_is_fenced() {
-    let (conn, ns, client) = connect().await;
-    let b = RedisBroker::new(conn.clone(), &ns);
-    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
-    let env = env_at("q", 1, 0);
-    b.publish(vec![env.clone()]).await.unwrap();
-    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    let (b, backend, client, env, got) = one_leased().await;
     let mut stale = got[0].receipt.clone();
     stale.lease += 1;
     stale.held_until = Some(std::time::Instant::now() + Duration::from_secs(1));
