@@ -656,9 +656,9 @@ fn group_state(id: TaskId, fields: HashMap<String, Vec<u8>>) -> Result<Option<Gr
 impl ResultBackend for RedisBackend {
     fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            // A producer's `queued` records are first writes: try them as plain `SET NX` in
-            // one pipeline, and send only those that met an existing record through the
-            // fencing script.
+            // A producer's `queued` records are first writes: plain commands in one pipeline
+            // (slot hashes, or `SET NX`), and only those that met an existing record go
+            // through the fencing script.
             let statuses = if statuses.iter().all(|s| s.state == TaskState::Queued) {
                 self.inner.create_queued(statuses).await?
             } else {

@@ -715,10 +715,11 @@ impl Broker for RedisBroker {
             let colocated = self.same_store(backend);
             let small = statuses.len() <= PUBLISH_CHUNK && envelopes.len() <= PUBLISH_CHUNK;
             match colocated {
-                // One pipeline, records first: `SET … NX` for each queued record, then the
-                // envelopes. A record that met an existing one (an id enqueued again) goes
-                // through the fencing script afterwards, which never lets it replace an
-                // outcome.
+                // One pipeline, records first (slot hashes, or `SET … NX` for ids that are not
+                // time-ordered), then the envelopes. A `SET … NX` that met an existing record
+                // (an id enqueued again) goes through the fencing script afterwards, which
+                // never lets it replace an outcome; reads prefer a task's own record to its
+                // slot-hash one for the same reason.
                 Some(b) if small && statuses.iter().all(|s| s.state == TaskState::Queued) => {
                     let mut pipe = redis::pipe();
                     let writes = b.push_create_queued(&mut pipe, &statuses)?;
