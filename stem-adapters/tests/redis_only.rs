@@ -424,3 +424,60 @@ async fn queued_records_in_slot_hashes_behave_like_records_of_their_own() {
         assert!(!left, "no queued record left for {}", e.id);
     }
 }
+
+/// A private `redis-server` on a free port (for tests that change server settings), stopped
+/// on drop. Fails, never skips, when `redis-server` is not installed.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("this test runs its own redis-server; install Redis (redis-server on PATH)");
+        let server = PrivateRedis { child, port };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "private redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server that refuses writes for lack of memory refuses a plain finish as a whole: the
+/// delivery stays leased (it is redelivered later), never acked without its record.
+#[tokio::test]
+async fn a_finish_refused_for_memory_acks_nothing() {
+    let server = PrivateRedis::start();
+    let url = format!("redis://127.0.0.1:{}/0?ns=oom", server.port);
+    let conn = RedisConnection::connect(&stem_adapters::url::parse(&url).unwrap(), RedisOptions::default())
+        .await
+        .unwrap();
+    let b = RedisBroker::new(conn.clone(), "oom");
+    let backend = RedisBackend::new(conn, "oom", Duration::from_secs(60));
+    let env = env_at("q", 1, 0);
+    b.publish(vec![env.clone()]).await.unwrap();
+    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    let mut raw =
+        redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1).exec_async(&mut raw).await.unwrap();
+    let refused =
+        b.record_and_ack(&backend, vec![succeeded(&env, serde_json::json!(1))], vec![got[0].receipt.clone()]);
+    assert!(refused.await.is_err(), "the refusal is reported");
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).exec_async(&mut raw).await.unwrap();
+    assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (1, 1), "still leased, not acked");
+    assert!(backend.get(env.id).await.unwrap().is_none(), "no record was written");
+}

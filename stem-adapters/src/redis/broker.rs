@@ -567,10 +567,13 @@ impl RedisBroker {
         Ok(Consumed::Deliveries(raws))
     }
 
-    /// Record and ack for deliveries whose leases hold, in one pipeline and in this order:
-    /// records that are not terminal (a task's `running` state) through the fencing script,
-    /// since they must never replace an outcome; terminal records with plain `SET`s and their
-    /// completion messages; then `XACK` and `XDEL` per stream.
+    /// Record and ack for deliveries whose leases hold, in one `MULTI`/`EXEC` and in this
+    /// order: records that are not terminal (a task's `running` state) through the fencing
+    /// script, since they must never replace an outcome; terminal records with plain `SET`s
+    /// and their completion messages, and `HDEL`s of the `queued` records they supersede;
+    /// then `XACK` and `XDEL` per stream. The transaction is what keeps "no ack without its
+    /// record": a server that refuses writes (out of memory) refuses the whole of it, where a
+    /// plain pipeline would run the acks after the refused `SET`s.
     async fn finish_plain(
         &self,
         b: &RedisBackend,
@@ -579,7 +582,7 @@ impl RedisBroker {
     ) -> Result<()> {
         let (terminal, running): (Vec<_>, Vec<_>) = statuses.into_iter().partition(|s| s.state.is_terminal());
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        pipe.atomic().ignore_errors();
         if !running.is_empty() {
             pipe.add_command(b.set_fenced_call(&running)?.command().clone());
         }
