@@ -179,14 +179,8 @@ impl RedisBackend {
     /// terminal ones supersede.
     pub(crate) async fn set_fenced(&self, statuses: Vec<TaskStatus>) -> Result<()> {
         let inner = &self.inner;
-        let ttl = millis(inner.ttl);
         for chunk in statuses.chunks(SET_CHUNK) {
-            let mut e = inner.eval(&scripts::SET_STATUS);
-            e.arg(ttl);
-            for s in chunk {
-                push_status_args(&mut e, s)?;
-            }
-            e.run::<()>(&mut inner.cmd()).await.map_err(err)?;
+            self.set_fenced_call(chunk)?.run::<()>(&mut inner.cmd()).await.map_err(err)?;
             let mut drop = redis::pipe();
             self.push_drop_queued(&mut drop, chunk.iter().filter(|s| s.state.is_terminal()));
             if !drop.is_empty() {
@@ -203,15 +197,10 @@ fn by_queued_hash<'s>(
     keys: &Keys,
     statuses: impl IntoIterator<Item = &'s TaskStatus>,
 ) -> Vec<(String, Vec<String>)> {
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for s in statuses {
-        let Some(hash) = keys.queued(s.id) else { continue };
-        match out.iter_mut().find(|(h, _)| *h == hash) {
-            Some((_, ids)) => ids.push(s.id.to_string()),
-            None => out.push((hash, vec![s.id.to_string()])),
-        }
-    }
-    out
+    super::grouped(statuses, |s| keys.queued(s.id))
+        .into_iter()
+        .map(|(hash, members)| (hash, members.iter().map(|s| s.id.to_string()).collect()))
+        .collect()
 }
 
 /// Which answers of the commands `push_create_queued` appended are `SET … NX`es, and of
@@ -318,29 +307,14 @@ impl Inner {
     ) -> Result<QueuedWrites> {
         let ttl = millis(self.ttl);
         let mut writes = QueuedWrites::default();
-        // (slot hash, indices of its statuses), in order of first appearance.
-        let mut slots: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, s) in statuses.iter().enumerate() {
-            match self.keys.queued(s.id) {
-                Some(hash) => match slots.iter_mut().find(|(h, _)| *h == hash) {
-                    Some((_, members)) => members.push(i),
-                    None => slots.push((hash, vec![i])),
-                },
-                None => {
-                    pipe.cmd("SET")
-                        .arg(self.keys.record(s.id))
-                        .arg(queued_value(s)?)
-                        .arg("PX")
-                        .arg(ttl)
-                        .arg("NX");
-                    writes.commands.push(Some(i));
-                }
-            }
+        for (i, s) in statuses.iter().enumerate().filter(|(_, s)| self.keys.queued(s.id).is_none()) {
+            pipe.cmd("SET").arg(self.keys.record(s.id)).arg(queued_value(s)?).arg("PX").arg(ttl).arg("NX");
+            writes.commands.push(Some(i));
         }
         let mut id_buf = [0u8; 36];
-        for (hash, members) in slots {
+        for (hash, members) in super::grouped(statuses, |s| self.keys.queued(s.id)) {
             pipe.cmd("HSET").arg(&hash);
-            for s in members.iter().filter_map(|i| statuses.get(*i)) {
+            for s in members {
                 pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(queued_value(s)?);
             }
             pipe.cmd("PEXPIRE").arg(hash).arg(ttl);

@@ -126,31 +126,37 @@ fn push_store_args(eval: &mut Eval, env: &Envelope) -> Result<()> {
 /// token)` for each. Receipts whose tag is not `<priority>:<entry id>` cannot be live and are
 /// left out.
 fn push_receipts(eval: &mut Eval, receipts: &[Receipt]) {
-    /// A receipt's entry id, token and the id's `(ms, seq)` for ordering.
-    type Entry<'r> = (&'r str, u64, (u64, u64));
-    // (queue, priority) → receipts of that stream, in order of first appearance.
-    let mut streams: Vec<((&str, &str), Vec<Entry<'_>>)> = Vec::new();
-    for r in receipts {
-        let Some((p, id)) = r.tag.split_once(':') else { continue };
-        let Some(key) = id.split_once('-').and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
-        else {
-            continue;
-        };
-        let stream = (&*r.queue, p);
-        let entry = (id, r.lease, key);
-        match streams.iter_mut().find(|(s, _)| *s == stream) {
-            Some((_, list)) => list.push(entry),
-            None => streams.push((stream, vec![entry])),
-        }
-    }
-    for ((queue, p), list) in streams {
-        let lo = list.iter().min_by_key(|e| e.2).map_or("0-0", |e| e.0);
-        let hi = list.iter().max_by_key(|e| e.2).map_or("0-0", |e| e.0);
+    for ((queue, p), list) in by_stream(receipts) {
+        let lo = list.iter().min_by_key(|e| e.order).map_or("0-0", |e| e.id);
+        let hi = list.iter().max_by_key(|e| e.order).map_or("0-0", |e| e.id);
         eval.arg(queue).arg(p).arg(lo).arg(hi).arg(list.len());
-        for (id, token, _) in list {
-            eval.arg(id).arg(token);
+        for e in list {
+            eval.arg(e.id).arg(e.token);
         }
     }
+}
+
+/// A receipt's stream entry.
+struct Entry<'r> {
+    id: &'r str,
+    /// The id as `(ms, seq)`, for ordering.
+    order: (u64, u64),
+    token: u64,
+}
+
+/// Receipts grouped by stream `(queue, priority)`, in order of first appearance; receipts
+/// whose tag is not `{priority}:{ms}-{seq}` are left out.
+fn by_stream(receipts: &[Receipt]) -> Vec<((&str, u8), Vec<Entry<'_>>)> {
+    let entries = receipts.iter().filter_map(|r| {
+        let (p, id) = r.tag.split_once(':')?;
+        let (ms, seq) = id.split_once('-')?;
+        let order = (ms.parse().ok()?, seq.parse().ok()?);
+        Some(((&*r.queue, p.parse::<u8>().ok()?), Entry { id, order, token: r.lease }))
+    });
+    super::grouped(entries, |(stream, _)| Some(*stream))
+        .into_iter()
+        .map(|(stream, list)| (stream, list.into_iter().map(|(_, e)| e).collect()))
+        .collect()
 }
 
 /// Whether every receipt's lease holds for at least [`FENCE_MARGIN`] more.
@@ -161,17 +167,8 @@ fn leases_held(receipts: &[Receipt]) -> bool {
 
 /// Append `XACK` and `XDEL` of the receipts' entries to `pipe`, one pair per stream.
 fn push_plain_acks(pipe: &mut redis::Pipeline, keys: &Keys, receipts: &[Receipt]) {
-    let mut streams: Vec<((&str, u8), Vec<&str>)> = Vec::new();
-    for r in receipts {
-        let Some((p, id)) = r.tag.split_once(':') else { continue };
-        let Ok(p) = p.parse::<u8>() else { continue };
-        let stream = (&*r.queue, p);
-        match streams.iter_mut().find(|(s, _)| *s == stream) {
-            Some((_, ids)) => ids.push(id),
-            None => streams.push((stream, vec![id])),
-        }
-    }
-    for ((queue, p), ids) in streams {
+    for ((queue, p), list) in by_stream(receipts) {
+        let ids: Vec<&str> = list.into_iter().map(|e| e.id).collect();
         let key = keys.stream(queue, p);
         pipe.cmd("XACK").arg(&key).arg(super::keys::GROUP).arg(&ids);
         pipe.cmd("XDEL").arg(key).arg(&ids);

@@ -210,10 +210,43 @@ impl Blocking {
 }
 
 /// Open a broker and a backend sharing one connection.
+/// `items` grouped by `key` (items without one are left out), groups in order of first
+/// appearance. A batch spans few streams or slot hashes, so a linear search beats hashing.
+pub(crate) fn grouped<T, K: PartialEq>(
+    items: impl IntoIterator<Item = T>,
+    mut key: impl FnMut(&T) -> Option<K>,
+) -> Vec<(K, Vec<T>)> {
+    let mut out: Vec<(K, Vec<T>)> = Vec::new();
+    for item in items {
+        let Some(k) = key(&item) else { continue };
+        match out.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(item),
+            None => out.push((k, vec![item])),
+        }
+    }
+    out
+}
+
 pub(crate) async fn connect(url: &AdapterUrl) -> Result<crate::Adapters, stem::Error> {
     let conn = RedisConnection::connect(url, RedisOptions::default()).await?;
     Ok(crate::Adapters {
         broker: Arc::new(RedisBroker::new(conn.clone(), &url.namespace)),
         backend: Arc::new(RedisBackend::new(conn, &url.namespace, stem::backend::DEFAULT_RESULT_TTL)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grouped;
+
+    #[test]
+    fn groups_keep_first_appearance_order_and_skip_items_without_a_key() {
+        let items = [("a", 1), ("b", 2), ("-", 3), ("a", 4), ("c", 5), ("b", 6)];
+        let groups = grouped(items, |(k, _)| (*k != "-").then_some(*k));
+        let shape: Vec<(&str, Vec<i32>)> = groups
+            .into_iter()
+            .map(|(k, members)| (k, members.into_iter().map(|(_, n)| n).collect()))
+            .collect();
+        assert_eq!(shape, vec![("a", vec![1, 4]), ("b", vec![2, 6]), ("c", vec![5])]);
+    }
 }
