@@ -589,6 +589,39 @@ fn on_message(inner: &Arc<Inner>, data: &[Value]) {
 
 /// A group script's answer for one record: `{total, succeeded, failed}`, or `{-1, ..}` for an
 /// unknown group, `{-2, ..}` for an index out of range.
+/// Each record's counts, read right after it was applied, from one group's answer to
+/// `group_record_many`: `[total (-1: unknown group), succeeded before, failed before, one
+/// flag per record ('1' applied, '0' already recorded, '2' no such member)]`.
+fn member_counts<'r>(
+    group: TaskId,
+    records: impl ExactSizeIterator<Item = &'r MemberRecord>,
+    reply: &[Value],
+) -> Result<Vec<Result<GroupCounts>>> {
+    let malformed = || err(format!("unexpected answer for group {group}: {reply:?}"));
+    let [Value::Int(total), Value::Int(s), Value::Int(f), Value::BulkString(flags)] = reply else {
+        return Err(malformed());
+    };
+    if flags.len() != records.len() {
+        return Err(malformed());
+    }
+    let (mut s, mut f) = (*s, *f);
+    Ok(records
+        .zip(flags)
+        .map(|(r, flag)| {
+            if *total < 0 {
+                return group_counts(group, r.index, &[-1]);
+            }
+            match flag {
+                b'2' => return group_counts(group, r.index, &[-2]),
+                b'1' if r.outcome.state == TaskState::Succeeded => s += 1,
+                b'1' => f += 1,
+                _ => {}
+            }
+            group_counts(group, r.index, &[*total, s, f])
+        })
+        .collect())
+}
+
 fn group_counts(group: TaskId, index: usize, counts: &[i64]) -> Result<GroupCounts> {
     match counts {
         [-1, ..] => Err(err(format!("group {group} does not exist or has expired"))),
@@ -702,7 +735,9 @@ impl ResultBackend for RedisBackend {
     }
 
     /// One `group_record_many` script call per `RECORD_CHUNK` records (one for a worker's
-    /// batch), atomic like `group_record` and idempotent per index.
+    /// batch), atomic like `group_record` and idempotent per index. The script says which
+    /// records it applied and where each group's counters stood before; each record's counts
+    /// follow from those (see the script for why it does not count per record itself).
     fn group_record_many(
         &self,
         records: Vec<MemberRecord>,
@@ -711,25 +746,34 @@ impl ResultBackend for RedisBackend {
             let inner = &self.inner;
             let mut out = Vec::with_capacity(records.len());
             for chunk in records.chunks(RECORD_CHUNK) {
+                let groups = super::grouped(chunk.iter().enumerate(), |(_, r)| Some(r.group));
                 let mut e = inner.eval(&scripts::GROUP_RECORD_MANY);
                 let mut id_buf = [0u8; 36];
-                for r in chunk {
-                    e.arg(&*r.group.0.as_hyphenated().encode_lower(&mut id_buf))
-                        .arg(r.index)
-                        .arg(u8::from(r.outcome.state == TaskState::Succeeded))
-                        .arg(serde_json::to_vec(&r.outcome)?);
+                for (group, members) in &groups {
+                    e.arg(&*group.0.as_hyphenated().encode_lower(&mut id_buf)).arg(members.len());
+                    for (_, r) in members {
+                        e.arg(r.index)
+                            .arg(format!("m{}", r.index))
+                            .arg(u8::from(r.outcome.state == TaskState::Succeeded))
+                            .arg(serde_json::to_vec(&r.outcome)?);
+                    }
                 }
-                let counts: Vec<i64> = e.run(&mut inner.cmd()).await.map_err(err)?;
-                if counts.len() != chunk.len() * 3 {
-                    return Err(err(format!(
-                        "group_record_many answered {} counters for {} records",
-                        counts.len(),
-                        chunk.len()
-                    )));
+                let answer: Vec<Value> = e.run(&mut inner.cmd()).await.map_err(err)?;
+                let mut counts: Vec<Option<Result<GroupCounts>>> = (0..chunk.len()).map(|_| None).collect();
+                for ((group, members), reply) in groups.iter().zip(answer.chunks(4)) {
+                    let applied = member_counts(*group, members.iter().map(|(_, r)| *r), reply)?;
+                    for ((at, _), result) in members.iter().zip(applied) {
+                        counts[*at] = Some(result);
+                    }
                 }
-                out.extend(
-                    chunk.iter().zip(counts.chunks(3)).map(|(r, c)| group_counts(r.group, r.index, c)),
-                );
+                for (r, c) in chunk.iter().zip(counts) {
+                    out.push(c.unwrap_or_else(|| {
+                        Err(err(format!(
+                            "group_record_many gave no answer for member {} of group {}",
+                            r.index, r.group
+                        )))
+                    }));
+                }
             }
             Ok(out)
         })

@@ -57,6 +57,7 @@ mod handle;
 mod plan;
 mod runtime;
 mod signature;
+mod wire;
 
 pub use callbacks::{CanvasFailure, Linked, StepExt};
 pub use chain::Chain;

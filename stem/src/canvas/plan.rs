@@ -2,7 +2,7 @@
 //! the canvas is enqueued, and the [`Continuation`] each task's envelope carries.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use super::signature::{ENCODE_ERROR, NOT_AN_OBJECT};
@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::producer::Stem;
 use crate::task::{ArgsError, TaskOptions};
 
-/// One planned piece of a canvas, as it travels in envelopes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One planned piece of a canvas, as it travels in envelopes (read by `wire.rs`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Node {
@@ -54,8 +54,8 @@ pub enum Node {
 }
 
 /// What happens when a piece of a canvas ends for good: carried by every canvas task's
-/// envelope, run by the worker that finishes the task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// envelope, run by the worker that finishes the task (read by `wire.rs`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Continuation {

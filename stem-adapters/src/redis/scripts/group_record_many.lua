@@ -1,49 +1,58 @@
--- group_record_many: ARGV = ns, then four per record: group_id, index, succeeded 1/0,
--- outcome JSON. Each record is applied as group_record.lua applies one: the first outcome per
--- index wins (HSETNX) and is counted once. A group's counters are read once per call and
--- written back once per group at the end (HINCRBY by what this call added), all inside
--- this one script, so nothing can interleave.
--- Returns three integers per record, in order: {total, succeeded, failed} as they stand
--- right after that record, or {-1, 0, 0} for an unknown group, {-2, 0, 0} for a bad index.
+-- group_record_many: ARGV = ns, then per group: group_id, n, and n records of four arguments
+-- each: index, member field ('m' .. index), succeeded 1/0, outcome JSON. Each record is
+-- applied as group_record.lua applies one: the first outcome per index wins (HSETNX there)
+-- and is counted once; a later record for the same index, in this call or an earlier one,
+-- changes nothing.
+-- Redis runs a command called from Lua, every string Lua makes and every reply element at
+-- several times the cost of the same work in a MULTI, so the client names the fields, a
+-- group costs two commands however many records it carries (one HMGET of the counters and
+-- the members' fields, one HSET of the new outcomes with the counters they move), and the
+-- answer is four values per group from which the client works out each record's counts.
+-- The script is one step, so nothing interleaves between the read and the write.
+-- Returns per group, in argument order: total (-1 for an unknown group), succeeded and
+-- failed as they stood before this call, and one character per record: '1' applied, '0'
+-- already recorded, '2' index out of range.
 local ns = ARGV[1]
-local groups = {}
-local touched = {}
 local out = {}
-for i = 2, #ARGV, 4 do
-  local gid = ARGV[i]
-  local g = groups[gid]
-  if g == nil then
-    local gk = ns .. ':g:' .. gid
-    local c = redis.call('HMGET', gk, 'total', 's', 'f')
-    if c[1] then
-      g = {key = gk, total = tonumber(c[1]), s = tonumber(c[2]) or 0, f = tonumber(c[3]) or 0, ds = 0, df = 0}
-    else
-      g = false
-    end
-    groups[gid] = g
-  end
-  local n = #out
-  if not g then
-    out[n + 1] = -1; out[n + 2] = 0; out[n + 3] = 0
+local i = 2
+while i <= #ARGV do
+  local key = ns .. ':g:' .. ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local first = i + 2
+  local last = first + (n - 1) * 4
+  local fields = {'total', 's', 'f'}
+  for r = first, last, 4 do fields[#fields + 1] = ARGV[r + 1] end
+  local c = redis.call('HMGET', key, unpack(fields))
+  local flags = {}
+  if not c[1] then
+    out[#out + 1] = -1; out[#out + 1] = 0; out[#out + 1] = 0
+    for k = 1, n do flags[k] = '0' end
   else
-    local index = tonumber(ARGV[i + 1])
-    if index >= g.total then
-      out[n + 1] = -2; out[n + 2] = 0; out[n + 3] = 0
-    else
-      if redis.call('HSETNX', g.key, 'm' .. index, ARGV[i + 3]) == 1 then
-        if ARGV[i + 2] == '1' then
-          g.s = g.s + 1; g.ds = g.ds + 1
-        else
-          g.f = g.f + 1; g.df = g.df + 1
-        end
-        if g.ds + g.df == 1 then touched[#touched + 1] = g end
+    local total = tonumber(c[1])
+    local s0 = tonumber(c[2]) or 0
+    local f0 = tonumber(c[3]) or 0
+    local s, f = s0, f0
+    local have = {}
+    local write = {}
+    for r = first, last, 4 do
+      local k = (r - first) / 4 + 1
+      local field = ARGV[r + 1]
+      if tonumber(ARGV[r]) >= total then
+        flags[k] = '2'
+      elseif have[field] or c[3 + k] then
+        flags[k] = '0'
+      else
+        have[field] = true
+        flags[k] = '1'
+        write[#write + 1] = field
+        write[#write + 1] = ARGV[r + 3]
+        if ARGV[r + 2] == '1' then s = s + 1 else f = f + 1 end
       end
-      out[n + 1] = g.total; out[n + 2] = g.s; out[n + 3] = g.f
     end
+    if #write > 0 then redis.call('HSET', key, 's', s, 'f', f, unpack(write)) end
+    out[#out + 1] = total; out[#out + 1] = s0; out[#out + 1] = f0
   end
-end
-for _, g in ipairs(touched) do
-  if g.ds > 0 then redis.call('HINCRBY', g.key, 's', g.ds) end
-  if g.df > 0 then redis.call('HINCRBY', g.key, 'f', g.df) end
+  out[#out + 1] = table.concat(flags)
+  i = last + 4
 end
 return out
