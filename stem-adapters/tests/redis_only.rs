@@ -376,22 +376,22 @@ async fn a_finish_near_the_end_of_its_lease_is_fenced() {
     assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (0, 0));
 }
 
-/// `queued` records of time-ordered ids live in slot hashes: a batch writes them with one
-/// `HSET`, reads find them, the task's own record supersedes them and removes them, progress
-/// reported before any other record is kept, and `forget` removes them too.
+/// Records of time-ordered ids live in slot hashes: `queued` ones in `rq`, every later state
+/// in `rh`, a batch's records written with one `HSET`. Reads find them, the task's record in
+/// `rh` supersedes its `queued` one and removes it, progress reported before any other record
+/// is kept, progress beside a record in `rh` survives a later write that carries none, a
+/// stale attempt cannot replace a record there, and `forget` removes both.
 #[tokio::test]
-async fn queued_records_in_slot_hashes_behave_like_records_of_their_own() {
+async fn records_in_slot_hashes_behave_like_records_of_their_own() {
     let (conn, ns, client) = connect().await;
     let b = RedisBroker::new(conn.clone(), &ns);
     let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
-    let envs: Vec<Envelope> = (0..3).map(|n| env_at("q", n, 0)).collect();
+    let envs: Vec<Envelope> = (0..4).map(|n| env_at("q", n, 0)).collect();
     let queued = envs.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
     b.record_and_publish(&backend, queued, envs.clone()).await.unwrap();
     let hash = backend.keys().queued(envs[0].id).expect("a time-ordered id");
+    let records = backend.keys().record_slot(envs[0].id).expect("a time-ordered id");
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-    let own: bool =
-        redis::cmd("EXISTS").arg(backend.keys().record(envs[0].id)).query_async(&mut raw).await.unwrap();
-    assert!(!own, "no key of its own yet");
     let ttl: i64 = redis::cmd("PTTL").arg(&hash).query_async(&mut raw).await.unwrap();
     assert!(ttl > 50_000, "the slot hash expires with the records' TTL: {ttl}");
     for e in &envs {
@@ -400,7 +400,7 @@ async fn queued_records_in_slot_hashes_behave_like_records_of_their_own() {
 
     let progress = stem::backend::Progress { fraction: 0.5, data: None, at: chrono::Utc::now() };
     backend.progress(envs[2].id, progress.clone()).await.unwrap();
-    assert_eq!(backend.get(envs[2].id).await.unwrap().unwrap().progress, Some(progress));
+    assert_eq!(backend.get(envs[2].id).await.unwrap().unwrap().progress, Some(progress.clone()));
 
     let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
     assert_eq!(got[0].envelope.id, envs[0].id);
@@ -408,21 +408,82 @@ async fn queued_records_in_slot_hashes_behave_like_records_of_their_own() {
         .await
         .unwrap();
     assert_eq!(backend.get(envs[0].id).await.unwrap().unwrap().state, TaskState::Succeeded);
+    let field = |id: stem::TaskId| id.to_string();
+    let in_records: bool =
+        redis::cmd("HEXISTS").arg(&records).arg(field(envs[0].id)).query_async(&mut raw).await.unwrap();
+    assert!(in_records, "the outcome is a field of the record slot hash");
+    let own: bool =
+        redis::cmd("EXISTS").arg(backend.keys().record(envs[0].id)).query_async(&mut raw).await.unwrap();
+    assert!(!own, "and not a key of its own");
+    let ttl: i64 = redis::cmd("PTTL").arg(&records).query_async(&mut raw).await.unwrap();
+    assert!(ttl > 50_000, "the record slot hash expires with the records' TTL: {ttl}");
     let left: bool =
-        redis::cmd("HEXISTS").arg(&hash).arg(envs[0].id.to_string()).query_async(&mut raw).await.unwrap();
+        redis::cmd("HEXISTS").arg(&hash).arg(field(envs[0].id)).query_async(&mut raw).await.unwrap();
     assert!(!left, "the outcome's record removed the queued one");
 
     // A terminal record written outside a finish (a revoke, say) removes it as well.
     backend.set(vec![TaskStatus::for_envelope(&envs[1], TaskState::Cancelled)]).await.unwrap();
     assert_eq!(backend.get(envs[1].id).await.unwrap().unwrap().state, TaskState::Cancelled);
-    backend.forget(envs[2].id).await.unwrap();
-    assert!(backend.get(envs[2].id).await.unwrap().is_none());
+
+    // Progress beside a `running` record in `rh` outlives the write of the outcome.
+    let mut running = TaskStatus::for_envelope(&envs[3], TaskState::Running);
+    running.attempt = 1;
+    backend.set(vec![running]).await.unwrap();
+    backend.progress(envs[3].id, progress.clone()).await.unwrap();
+    let mut done = succeeded(&envs[3], serde_json::json!(3));
+    done.attempt = 1;
+    backend.set(vec![done]).await.unwrap();
+    let got = backend.get(envs[3].id).await.unwrap().unwrap();
+    assert_eq!((got.state, got.progress), (TaskState::Succeeded, Some(progress)));
+    // An older attempt never replaces it.
+    backend.set(vec![TaskStatus::for_envelope(&envs[3], TaskState::Failed)]).await.unwrap();
+    assert_eq!(backend.get(envs[3].id).await.unwrap().unwrap().state, TaskState::Succeeded);
+
     for e in &envs {
-        let hash = backend.keys().queued(e.id).unwrap();
-        let left: bool =
-            redis::cmd("HEXISTS").arg(hash).arg(e.id.to_string()).query_async(&mut raw).await.unwrap();
-        assert!(!left, "no queued record left for {}", e.id);
+        backend.forget(e.id).await.unwrap();
+        assert!(backend.get(e.id).await.unwrap().is_none());
+        for hash in [backend.keys().queued(e.id).unwrap(), backend.keys().record_slot(e.id).unwrap()] {
+            let left: bool =
+                redis::cmd("HEXISTS").arg(hash).arg(field(e.id)).query_async(&mut raw).await.unwrap();
+            assert!(!left, "nothing left for {}", e.id);
+        }
     }
+}
+
+/// A task id that is not time-ordered keeps records of its own (`SET NX` for the first, the
+/// fencing script after), with the same rules.
+#[tokio::test]
+async fn ids_that_are_not_time_ordered_keep_a_record_key_of_their_own() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let mut env = env_at("q", 0, 0);
+    env.id = stem::TaskId(uuid::Uuid::new_v4());
+    assert!(backend.keys().record_slot(env.id).is_none());
+    b.record_and_publish(
+        &backend,
+        vec![TaskStatus::for_envelope(&env, TaskState::Queued)],
+        vec![env.clone()],
+    )
+    .await
+    .unwrap();
+    let got = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got[0].envelope.id, env.id);
+    let progress = stem::backend::Progress { fraction: 0.25, data: None, at: chrono::Utc::now() };
+    backend.progress(env.id, progress.clone()).await.unwrap();
+    b.record_and_ack(&backend, vec![succeeded(&env, serde_json::json!(7))], vec![got[0].receipt.clone()])
+        .await
+        .unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let own: bool =
+        redis::cmd("EXISTS").arg(backend.keys().record(env.id)).query_async(&mut raw).await.unwrap();
+    assert!(own, "its record is its own key");
+    let got = backend.get(env.id).await.unwrap().unwrap();
+    assert_eq!((got.state, got.result), (TaskState::Succeeded, Some(serde_json::json!(7))));
+    backend.set(vec![TaskStatus::for_envelope(&env, TaskState::Running)]).await.unwrap();
+    assert_eq!(backend.get(env.id).await.unwrap().unwrap().state, TaskState::Succeeded, "fenced");
+    backend.forget(env.id).await.unwrap();
+    assert!(backend.get(env.id).await.unwrap().is_none());
 }
 
 /// A private `redis-server` on a free port (for tests that change server settings), stopped

@@ -153,25 +153,44 @@ impl RedisBackend {
         let mut e = self.inner.eval(&scripts::SET_STATUS);
         e.arg(millis(self.inner.ttl));
         for s in statuses {
-            push_status_args(&mut e, s)?;
+            push_status_args(&mut e, &self.inner.keys, s)?;
         }
         Ok(e)
     }
 
-    /// Append the plain commands that store the terminal record `s` of a delivery whose lease
-    /// is known to hold (see `RedisBroker::record_and_ack`): `SET` with the TTL, removal of the
-    /// separate progress key when the record carries its progress itself, and the completion
-    /// message. The stored value and the message are the fencing script's, byte for byte.
-    pub(crate) fn push_terminal(&self, pipe: &mut redis::Pipeline, s: &TaskStatus) -> Result<()> {
-        let mut value = Vec::with_capacity(512);
-        write!(value, "{}:1:0|", s.attempt).map_err(Error::backend)?;
-        serde_json::to_writer(&mut value, s)?;
+    /// Append the plain commands that store the terminal records `statuses` of deliveries
+    /// whose leases are known to hold (see `RedisBroker::record_and_ack`): one `HSET` per
+    /// record slot hash (plus its `PEXPIRE`), or `SET` with the TTL for an id that has none;
+    /// removal of the separate progress key when a record carries its progress itself; the
+    /// completion messages. Stored values and messages are the fencing script's, byte for
+    /// byte.
+    pub(crate) fn push_terminals(&self, pipe: &mut redis::Pipeline, statuses: &[TaskStatus]) -> Result<()> {
         let keys = &self.inner.keys;
-        pipe.cmd("SET").arg(keys.record(s.id)).arg(&value).arg("PX").arg(millis(self.inner.ttl));
-        if s.progress.is_some() {
-            pipe.cmd("DEL").arg(keys.progress(s.id));
+        let ttl = millis(self.inner.ttl);
+        let mut values = Vec::with_capacity(statuses.len());
+        for s in statuses {
+            let mut value = Vec::with_capacity(512);
+            write!(value, "{}:1:0|", s.attempt).map_err(Error::backend)?;
+            serde_json::to_writer(&mut value, s)?;
+            values.push(value);
         }
-        pipe.cmd("PUBLISH").arg(keys.done(s.id)).arg(value);
+        let mut id_buf = [0u8; 36];
+        for (hash, members) in super::grouped(statuses.iter().zip(&values), |(s, _)| keys.record_slot(s.id)) {
+            pipe.cmd("HSET").arg(&hash);
+            for (s, value) in members {
+                pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(value);
+            }
+            pipe.cmd("PEXPIRE").arg(hash).arg(ttl);
+        }
+        for (s, value) in statuses.iter().zip(values) {
+            if keys.record_slot(s.id).is_none() {
+                pipe.cmd("SET").arg(keys.record(s.id)).arg(&value).arg("PX").arg(ttl);
+            }
+            if s.progress.is_some() {
+                pipe.cmd("DEL").arg(keys.progress(s.id));
+            }
+            pipe.cmd("PUBLISH").arg(keys.done(s.id)).arg(value);
+        }
         Ok(())
     }
 
@@ -232,14 +251,17 @@ impl QueuedWrites {
 }
 
 /// Append one record's three script arguments (see `scripts/status_lib.lua`).
-pub(crate) fn push_status_args(e: &mut Eval, s: &TaskStatus) -> Result<()> {
+pub(crate) fn push_status_args(e: &mut Eval, keys: &Keys, s: &TaskStatus) -> Result<()> {
     let terminal = u8::from(s.state.is_terminal());
     let mut value = Vec::with_capacity(512);
     write!(value, "{}:{terminal}:0|", s.attempt).map_err(Error::backend)?;
     serde_json::to_writer(&mut value, s)?;
     // Same text as the id's Display, without an allocation.
     let mut id_buf = [0u8; 36];
-    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(u8::from(s.progress.is_some())).arg(value);
+    e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
+        .arg(u8::from(s.progress.is_some()))
+        .arg(value)
+        .arg(keys.record_slot(s.id).unwrap_or_default());
     Ok(())
 }
 
@@ -324,33 +346,35 @@ impl Inner {
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskStatus>> {
-        let record = self.keys.record(id);
         let progress = self.keys.progress(id);
         type Stored = Option<Vec<u8>>;
-        let (record, progress, queued): (Stored, Stored, Stored) = match self.keys.queued(id) {
-            Some(hash) => {
-                let ((r, p), q) = redis::pipe()
-                    .cmd("MGET")
-                    .arg(record)
-                    .arg(progress)
-                    .cmd("HGET")
-                    .arg(hash)
-                    .arg(id.to_string())
-                    .query_async(&mut self.cmd())
-                    .await
-                    .map_err(err)?;
-                (r, p, q)
-            }
-            None => {
-                let (r, p) = redis::cmd("MGET")
-                    .arg(record)
-                    .arg(progress)
-                    .query_async(&mut self.cmd())
-                    .await
-                    .map_err(err)?;
-                (r, p, None)
-            }
-        };
+        let (record, progress, queued): (Stored, Stored, Stored) =
+            match (self.keys.record_slot(id), self.keys.queued(id)) {
+                (Some(records), Some(queued)) => {
+                    let field = id.to_string();
+                    redis::pipe()
+                        .cmd("HGET")
+                        .arg(records)
+                        .arg(&field)
+                        .cmd("GET")
+                        .arg(progress)
+                        .cmd("HGET")
+                        .arg(queued)
+                        .arg(&field)
+                        .query_async(&mut self.cmd())
+                        .await
+                        .map_err(err)?
+                }
+                _ => {
+                    let (r, p) = redis::cmd("MGET")
+                        .arg(self.keys.record(id))
+                        .arg(progress)
+                        .query_async(&mut self.cmd())
+                        .await
+                        .map_err(err)?;
+                    (r, p, None)
+                }
+            };
         record.or(queued).map(|r| decode_status(record_json(&r), progress.as_deref())).transpose()
     }
 
@@ -690,7 +714,8 @@ impl ResultBackend for RedisBackend {
             e.arg(millis(inner.ttl))
                 .arg(id.to_string())
                 .arg(serde_json::to_vec(&progress)?)
-                .arg(inner.keys.queued(id).unwrap_or_default());
+                .arg(inner.keys.queued(id).unwrap_or_default())
+                .arg(inner.keys.record_slot(id).unwrap_or_default());
             e.run::<()>(&mut inner.cmd()).await.map_err(err)
         })
     }
@@ -700,7 +725,7 @@ impl ResultBackend for RedisBackend {
             let inner = &self.inner;
             let mut pipe = redis::pipe();
             pipe.cmd("DEL").arg(inner.keys.record(id)).arg(inner.keys.progress(id));
-            if let Some(hash) = inner.keys.queued(id) {
+            for hash in [inner.keys.record_slot(id), inner.keys.queued(id)].into_iter().flatten() {
                 pipe.cmd("HDEL").arg(hash).arg(id.to_string());
             }
             pipe.query_async::<()>(&mut inner.cmd()).await.map_err(err)

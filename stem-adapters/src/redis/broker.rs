@@ -583,9 +583,7 @@ impl RedisBroker {
         if !running.is_empty() {
             pipe.add_command(b.set_fenced_call(&running)?.command().clone());
         }
-        for s in &terminal {
-            b.push_terminal(&mut pipe, s)?;
-        }
+        b.push_terminals(&mut pipe, &terminal)?;
         b.push_drop_queued(&mut pipe, &terminal);
         push_plain_acks(&mut pipe, &self.keys, receipts);
         if pipe.is_empty() {
@@ -791,7 +789,7 @@ impl Broker for RedisBroker {
                     let mut e = self.eval(&scripts::FINISH);
                     e.arg(millis(b.ttl()).max(1)).arg(statuses.len());
                     for s in &statuses {
-                        push_status_args(&mut e, s)?;
+                        push_status_args(&mut e, &self.keys, s)?;
                     }
                     push_receipts(&mut e, &receipts);
                     e.run::<()>(&mut self.cmd()).await.map_err(err)

@@ -10,8 +10,9 @@
 //! | `{ns}:dlqi:{queue}` | sorted set | DLQ ids in order (score = id) |
 //! | `{ns}:dlq-seq` | string | DLQ id counter |
 //! | `{ns}:bc:{channel}` | stream, one group per subscriber | broadcast messages |
-//! | `{ns}:r:{task id}` | string, TTL | status record: `{attempt}:{terminal 0/1}:{progress key 0/1}\|{json}` |
-//! | `{ns}:rq:{slot}` | hash, TTL | `queued` records of time-ordered task ids made in one 100 ms slot: task id → record (same form); a task's own record key, once written, takes precedence |
+//! | `{ns}:rh:{slot}` | hash, TTL | status records (every state after `queued`) of time-ordered task ids made in one 100 ms slot: task id → `{attempt}:{terminal 0/1}:{progress key 0/1}\|{json}`; the TTL is renewed by each write |
+//! | `{ns}:rq:{slot}` | hash, TTL | `queued` records of the same ids, same form; a task's record in `rh`, once written, takes precedence |
+//! | `{ns}:r:{task id}` | string, TTL | status record of a task id that is not time-ordered (its `queued` record too) |
 //! | `{ns}:p:{task id}` | string, TTL | last progress report |
 //! | `{ns}:done:{task id}` | pub/sub channel | terminal records, for `wait` |
 //! | `{ns}:g:{group id}` | hash, TTL | group: `total`, `s`, `f`, `claimed`, `m{index}` → outcome |
@@ -22,6 +23,15 @@ use stem::TaskId;
 /// Time-ordered (UUIDv7) task ids made within this many milliseconds of each other share one
 /// hash for their `queued` records.
 pub const QUEUED_SLOT_MS: u64 = 100;
+
+/// The slot of a time-ordered (UUIDv7) id: its timestamp in [`QUEUED_SLOT_MS`] units.
+fn slot(id: TaskId) -> Option<u64> {
+    if id.0.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.0.as_bytes();
+    Some(u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]) / QUEUED_SLOT_MS)
+}
 
 /// The consumer group every queue stream has.
 pub const GROUP: &str = "stem";
@@ -68,7 +78,7 @@ impl Keys {
         format!("{}:bc:{channel}", self.ns)
     }
 
-    /// Status record of a task.
+    /// Status record of a task whose id is not time-ordered (see [`Keys::record_slot`]).
     pub fn record(&self, id: TaskId) -> String {
         format!("{}:r:{id}", self.ns)
     }
@@ -78,12 +88,16 @@ impl Keys {
     /// `queued` records with one `HSET`. `None` for other ids: their `queued` record is their
     /// own record key.
     pub fn queued(&self, id: TaskId) -> Option<String> {
-        if id.0.get_version_num() != 7 {
-            return None;
-        }
-        let b = id.0.as_bytes();
-        let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
-        Some(format!("{}:rq:{}", self.ns, ms / QUEUED_SLOT_MS))
+        slot(id).map(|slot| format!("{}:rq:{slot}", self.ns))
+    }
+
+    /// The hash holding the status record of `id` (every state after `queued`) when it is a
+    /// time-ordered (UUIDv7) id, one per [`QUEUED_SLOT_MS`] of the id's timestamp like
+    /// [`Keys::queued`]: a field costs Redis a fraction of a key with its own expiry, and a
+    /// worker writes a batch's records into one hash with one `HSET`. `None` for other ids:
+    /// their record is [`Keys::record`].
+    pub fn record_slot(&self, id: TaskId) -> Option<String> {
+        slot(id).map(|slot| format!("{}:rh:{slot}", self.ns))
     }
 
     /// Progress of a task.
@@ -126,6 +140,7 @@ mod tests {
             k.done(id),
             k.group(id),
             k.queued(id).expect("a time-ordered id"),
+            k.record_slot(id).expect("a time-ordered id"),
         ] {
             assert!(key.starts_with("acme:"), "{key}");
         }
@@ -141,5 +156,7 @@ mod tests {
         assert_eq!(k.queued(at(1_234_599, 2)), k.queued(at(1_234_500, 3)), "same 100 ms slot");
         assert_ne!(k.queued(at(1_234_600, 1)), k.queued(at(1_234_599, 1)));
         assert_eq!(k.queued(TaskId(uuid::Uuid::new_v4())), None, "other ids keep their own key");
+        assert_eq!(k.record_slot(at(1_234_567, 1)), Some("n:rh:12345".to_owned()));
+        assert_eq!(k.record_slot(TaskId(uuid::Uuid::new_v4())), None);
     }
 }
