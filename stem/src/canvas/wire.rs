@@ -53,6 +53,40 @@ where
     read_value(kind, Value::Object(object)).map_err(de::Error::custom)
 }
 
+/// An internally tagged enum read by [`tagged`].
+trait TaggedEnum: Sized {
+    /// The tag's values.
+    type Kind: de::DeserializeOwned;
+    /// What it is, for messages.
+    const WHAT: &'static str;
+    /// The variant `kind` from a deserializer over the object's other fields.
+    fn read<'de, D: Deserializer<'de>>(kind: Self::Kind, d: D) -> Result<Self, D::Error>;
+}
+
+struct TagFirst<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: TaggedEnum> Visitor<'de> for TagFirst<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a {} (an object tagged \"{TAG}\")", T::WHAT)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        tagged(map, T::WHAT, T::read, T::read)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(TagFirst::<Node>(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for Continuation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(TagFirst::<Continuation>(std::marker::PhantomData))
+    }
+}
+
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum NodeKind {
@@ -91,37 +125,25 @@ struct LinkedFields {
     errbacks: Vec<Node>,
 }
 
-fn node<'de, D: Deserializer<'de>>(kind: NodeKind, d: D) -> Result<Node, D::Error> {
-    Ok(match kind {
-        NodeKind::Task => {
-            let TaskFields { env, receives, countdown_ms } = TaskFields::deserialize(d)?;
-            Node::Task { env, receives, countdown_ms }
-        }
-        NodeKind::Chain => Node::Chain { steps: ChainFields::deserialize(d)?.steps },
-        NodeKind::Group => {
-            let GroupFields { id, members } = GroupFields::deserialize(d)?;
-            Node::Group { id, members }
-        }
-        NodeKind::Linked => {
-            let LinkedFields { node, links, errbacks } = LinkedFields::deserialize(d)?;
-            Node::Linked { node, links, errbacks }
-        }
-    })
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct NodeVisitor;
-        impl<'de> Visitor<'de> for NodeVisitor {
-            type Value = Node;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a canvas node (an object tagged \"k\")")
+impl TaggedEnum for Node {
+    type Kind = NodeKind;
+    const WHAT: &'static str = "canvas node";
+    fn read<'de, D: Deserializer<'de>>(kind: NodeKind, d: D) -> Result<Node, D::Error> {
+        Ok(match kind {
+            NodeKind::Task => {
+                let TaskFields { env, receives, countdown_ms } = TaskFields::deserialize(d)?;
+                Node::Task { env, receives, countdown_ms }
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Node, A::Error> {
-                tagged(map, "canvas node", node, node)
+            NodeKind::Chain => Node::Chain { steps: ChainFields::deserialize(d)?.steps },
+            NodeKind::Group => {
+                let GroupFields { id, members } = GroupFields::deserialize(d)?;
+                Node::Group { id, members }
             }
-        }
-        d.deserialize_map(NodeVisitor)
+            NodeKind::Linked => {
+                let LinkedFields { node, links, errbacks } = LinkedFields::deserialize(d)?;
+                Node::Linked { node, links, errbacks }
+            }
+        })
     }
 }
 
@@ -156,40 +178,28 @@ struct LinksFields {
     then: Box<Continuation>,
 }
 
-fn continuation<'de, D: Deserializer<'de>>(kind: ContinuationKind, d: D) -> Result<Continuation, D::Error> {
-    Ok(match kind {
-        ContinuationKind::Done => {
-            IgnoredAny::deserialize(d)?;
-            Continuation::Done
-        }
-        ContinuationKind::Then => {
-            let ThenFields { next, then } = ThenFields::deserialize(d)?;
-            Continuation::Then { next, then }
-        }
-        ContinuationKind::Member => {
-            let MemberFields { group, index, then } = MemberFields::deserialize(d)?;
-            Continuation::Member { group, index, then }
-        }
-        ContinuationKind::Links => {
-            let LinksFields { links, errbacks, then } = LinksFields::deserialize(d)?;
-            Continuation::Links { links, errbacks, then }
-        }
-    })
-}
-
-impl<'de> Deserialize<'de> for Continuation {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ContinuationVisitor;
-        impl<'de> Visitor<'de> for ContinuationVisitor {
-            type Value = Continuation;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a canvas continuation (an object tagged \"k\")")
+impl TaggedEnum for Continuation {
+    type Kind = ContinuationKind;
+    const WHAT: &'static str = "canvas continuation";
+    fn read<'de, D: Deserializer<'de>>(kind: ContinuationKind, d: D) -> Result<Continuation, D::Error> {
+        Ok(match kind {
+            ContinuationKind::Done => {
+                IgnoredAny::deserialize(d)?;
+                Continuation::Done
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Continuation, A::Error> {
-                tagged(map, "canvas continuation", continuation, continuation)
+            ContinuationKind::Then => {
+                let ThenFields { next, then } = ThenFields::deserialize(d)?;
+                Continuation::Then { next, then }
             }
-        }
-        d.deserialize_map(ContinuationVisitor)
+            ContinuationKind::Member => {
+                let MemberFields { group, index, then } = MemberFields::deserialize(d)?;
+                Continuation::Member { group, index, then }
+            }
+            ContinuationKind::Links => {
+                let LinksFields { links, errbacks, then } = LinksFields::deserialize(d)?;
+                Continuation::Links { links, errbacks, then }
+            }
+        })
     }
 }
 
