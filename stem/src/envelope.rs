@@ -88,18 +88,10 @@ pub struct Envelope {
     #[serde(default)]
     pub max_retries: u32,
     /// Do not deliver before this instant (ETA / countdown / retry backoff).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::timestamp::opt_rfc3339"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::opt_rfc3339")]
     pub not_before: Option<DateTime<Utc>>,
     /// Never run after this instant; an expired task is recorded as cancelled.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::timestamp::opt_rfc3339"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::opt_rfc3339")]
     pub expires: Option<DateTime<Utc>>,
     /// Soft time limit: the task's context is cancelled when it passes.
     #[serde(default, with = "opt_millis", skip_serializing_if = "Option::is_none")]
@@ -123,7 +115,7 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_result: bool,
     /// When the producer created the envelope.
-    #[serde(serialize_with = "crate::timestamp::rfc3339")]
+    #[serde(with = "crate::timestamp::rfc3339")]
     pub created_at: DateTime<Utc>,
     /// Canvas: what happens when this task ends for good (next chain step, group member slot,
     /// callbacks). Absent for plain tasks, so envelopes without it still parse.

@@ -175,7 +175,8 @@ impl RedisBackend {
             values.push(value);
         }
         let mut id_buf = [0u8; 36];
-        for (hash, members) in super::grouped(statuses.iter().zip(&values), |(s, _)| keys.record_slot(s.id)) {
+        for (slot, members) in super::grouped(statuses.iter().zip(&values), |(s, _)| Keys::slot(s.id)) {
+            let hash = keys.record_hash(slot);
             pipe.cmd("HSET").arg(&hash);
             for (s, value) in members {
                 pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(value);
@@ -183,7 +184,7 @@ impl RedisBackend {
             pipe.cmd("PEXPIRE").arg(hash).arg(ttl);
         }
         for (s, value) in statuses.iter().zip(values) {
-            if keys.record_slot(s.id).is_none() {
+            if Keys::slot(s.id).is_none() {
                 pipe.cmd("SET").arg(keys.record(s.id)).arg(&value).arg("PX").arg(ttl);
             }
             if s.progress.is_some() {
@@ -216,9 +217,9 @@ fn by_queued_hash<'s>(
     keys: &Keys,
     statuses: impl IntoIterator<Item = &'s TaskStatus>,
 ) -> Vec<(String, Vec<String>)> {
-    super::grouped(statuses, |s| keys.queued(s.id))
+    super::grouped(statuses, |s| Keys::slot(s.id))
         .into_iter()
-        .map(|(hash, members)| (hash, members.iter().map(|s| s.id.to_string()).collect()))
+        .map(|(slot, members)| (keys.queued_hash(slot), members.iter().map(|s| s.id.to_string()).collect()))
         .collect()
 }
 
@@ -329,12 +330,13 @@ impl Inner {
     ) -> Result<QueuedWrites> {
         let ttl = millis(self.ttl);
         let mut writes = QueuedWrites::default();
-        for (i, s) in statuses.iter().enumerate().filter(|(_, s)| self.keys.queued(s.id).is_none()) {
+        for (i, s) in statuses.iter().enumerate().filter(|(_, s)| Keys::slot(s.id).is_none()) {
             pipe.cmd("SET").arg(self.keys.record(s.id)).arg(queued_value(s)?).arg("PX").arg(ttl).arg("NX");
             writes.commands.push(Some(i));
         }
         let mut id_buf = [0u8; 36];
-        for (hash, members) in super::grouped(statuses, |s| self.keys.queued(s.id)) {
+        for (slot, members) in super::grouped(statuses, |s| Keys::slot(s.id)) {
+            let hash = self.keys.queued_hash(slot);
             pipe.cmd("HSET").arg(&hash);
             for s in members {
                 pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(queued_value(s)?);

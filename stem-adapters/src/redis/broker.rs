@@ -159,6 +159,17 @@ fn by_stream(receipts: &[Receipt]) -> Vec<((&str, u8), Vec<Entry<'_>>)> {
         .collect()
 }
 
+/// A receipt's tag, `{priority}:{entry id}` (without `format!`: one per delivery).
+fn tag(priority: u8, id: &str) -> String {
+    let mut digits = itoa::Buffer::new();
+    let p = digits.format(priority);
+    let mut tag = String::with_capacity(p.len() + 1 + id.len());
+    tag.push_str(p);
+    tag.push(':');
+    tag.push_str(id);
+    tag
+}
+
 /// Whether every receipt's lease holds for at least [`FENCE_MARGIN`] more.
 fn leases_held(receipts: &[Receipt]) -> bool {
     let Some(limit) = std::time::Instant::now().checked_add(FENCE_MARGIN) else { return false };
@@ -548,7 +559,7 @@ impl RedisBroker {
                     .ignore();
             }
             let (has_envelope, payload) = entry_payload(fields);
-            raws.push(Raw { queue: 0, tag: format!("{priority}:{id}"), token: 1, has_envelope, payload });
+            raws.push(Raw { queue: 0, tag: tag(priority, &id), token: 1, has_envelope, payload });
         }
         if !own_leases.is_empty() {
             own_leases.query_async::<()>(&mut self.cmd()).await.map_err(err)?;

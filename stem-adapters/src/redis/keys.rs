@@ -78,9 +78,32 @@ impl Keys {
         format!("{}:bc:{channel}", self.ns)
     }
 
+    /// `{ns}{infix}{id}`, built without the formatting machinery: a worker makes a few such
+    /// names per task, and `format!` with a UUID costs several times the copying.
+    fn id_key(&self, infix: &str, id: TaskId) -> String {
+        let mut buf = [0u8; 36];
+        let id = id.0.as_hyphenated().encode_lower(&mut buf);
+        let mut key = String::with_capacity(self.ns.len() + infix.len() + id.len());
+        key.push_str(&self.ns);
+        key.push_str(infix);
+        key.push_str(id);
+        key
+    }
+
+    /// `{ns}{infix}{n}`, likewise.
+    fn number_key(&self, infix: &str, n: u64) -> String {
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(n);
+        let mut key = String::with_capacity(self.ns.len() + infix.len() + n.len());
+        key.push_str(&self.ns);
+        key.push_str(infix);
+        key.push_str(n);
+        key
+    }
+
     /// Status record of a task whose id is not time-ordered (see [`Keys::record_slot`]).
     pub fn record(&self, id: TaskId) -> String {
-        format!("{}:r:{id}", self.ns)
+        self.id_key(":r:", id)
     }
 
     /// The hash holding the `queued` record of `id` when it is a time-ordered (UUIDv7) id:
@@ -88,7 +111,12 @@ impl Keys {
     /// `queued` records with one `HSET`. `None` for other ids: their `queued` record is their
     /// own record key.
     pub fn queued(&self, id: TaskId) -> Option<String> {
-        slot(id).map(|slot| format!("{}:rq:{slot}", self.ns))
+        slot(id).map(|slot| self.queued_hash(slot))
+    }
+
+    /// The `queued` slot hash of slot number `slot` (see [`Keys::slot`]).
+    pub(crate) fn queued_hash(&self, slot: u64) -> String {
+        self.number_key(":rq:", slot)
     }
 
     /// The hash holding the status record of `id` (every state after `queued`) when it is a
@@ -97,12 +125,23 @@ impl Keys {
     /// worker writes a batch's records into one hash with one `HSET`. `None` for other ids:
     /// their record is [`Keys::record`].
     pub fn record_slot(&self, id: TaskId) -> Option<String> {
-        slot(id).map(|slot| format!("{}:rh:{slot}", self.ns))
+        slot(id).map(|slot| self.record_hash(slot))
+    }
+
+    /// The record slot hash of slot number `slot` (see [`Keys::slot`]).
+    pub(crate) fn record_hash(&self, slot: u64) -> String {
+        self.number_key(":rh:", slot)
+    }
+
+    /// The slot number of a time-ordered id (its timestamp in [`QUEUED_SLOT_MS`] units), for
+    /// grouping a batch's records by hash before naming each hash once.
+    pub(crate) fn slot(id: TaskId) -> Option<u64> {
+        slot(id)
     }
 
     /// Progress of a task.
     pub fn progress(&self, id: TaskId) -> String {
-        format!("{}:p:{id}", self.ns)
+        self.id_key(":p:", id)
     }
 
     /// Prefix of the per-task completion channels.
@@ -112,12 +151,12 @@ impl Keys {
 
     /// Completion channel of a task.
     pub fn done(&self, id: TaskId) -> String {
-        format!("{}:done:{id}", self.ns)
+        self.id_key(":done:", id)
     }
 
     /// Group hash.
     pub fn group(&self, id: TaskId) -> String {
-        format!("{}:g:{id}", self.ns)
+        self.id_key(":g:", id)
     }
 }
 

@@ -88,7 +88,7 @@ pub struct Progress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
     /// When it was reported.
-    #[serde(serialize_with = "crate::timestamp::rfc3339")]
+    #[serde(with = "crate::timestamp::rfc3339")]
     pub at: DateTime<Utc>,
 }
 
@@ -110,28 +110,16 @@ pub struct TaskStatus {
     /// Attempt number this record belongs to (used as a fence).
     pub attempt: u32,
     /// When the task was enqueued.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::timestamp::opt_rfc3339"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::opt_rfc3339")]
     pub queued_at: Option<DateTime<Utc>>,
     /// When the current attempt started.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::timestamp::opt_rfc3339"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::opt_rfc3339")]
     pub started_at: Option<DateTime<Utc>>,
     /// When the task reached a terminal state.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::timestamp::opt_rfc3339"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::opt_rfc3339")]
     pub finished_at: Option<DateTime<Utc>>,
     /// Last change.
-    #[serde(serialize_with = "crate::timestamp::rfc3339")]
+    #[serde(with = "crate::timestamp::rfc3339")]
     pub updated_at: DateTime<Utc>,
     /// Worker that wrote the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
