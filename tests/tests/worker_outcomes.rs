@@ -194,6 +194,40 @@ async fn unknown_task_is_dead_lettered_and_worker_goes_on() {
     worker.shutdown().await.unwrap();
 }
 
+/// What follows a group travels as text and is read only by the member that completes the
+/// group; if it does not read, that member is dead-lettered with the reason (never retried
+/// forever), the group's claim is left alone, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_group_continuation_is_dead_lettered() {
+    use stem::backend::ResultBackend as _;
+    use stem::broker::Broker as _;
+    let app = TestApp::new(Registry::new().register::<add>());
+    let group = stem::TaskId::new();
+    app.backend.group_init(group, 1).await.unwrap();
+    let mut member = stem::Envelope::new("outcomes.add", json!({ "a": 1, "b": 2 }));
+    member.canvas = Some(Box::new(
+        serde_json::from_value(json!({
+            "k": "member", "group": group, "index": 0, "then": { "k": "sideways" }
+        }))
+        .unwrap(),
+    ));
+    app.broker.publish(vec![member.clone()]).await.unwrap();
+    let worker = app.start_default();
+    let dead = app.dead("default", 1).await;
+    assert_eq!(dead[0].reason, "malformed-envelope");
+    assert!(
+        dead[0].detail.contains("canvas continuation") && dead[0].detail.contains("sideways"),
+        "{}",
+        dead[0].detail
+    );
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, member.id);
+    let state = app.backend.group_get(group).await.unwrap().unwrap();
+    assert!(!state.claimed, "the claim is still there for a replay that can read it");
+    let h = app.stem.enqueue(add::new(1, 1)).await.unwrap();
+    assert_eq!(h.wait(WAIT).await.unwrap(), 2, "the worker keeps going");
+    worker.shutdown().await.unwrap();
+}
+
 static TYPED_RUNS: AtomicU32 = AtomicU32::new(0);
 
 #[task(name = "outcomes.typed", retries = 3)]

@@ -64,7 +64,7 @@ pub use chain::Chain;
 pub use chord::Chord;
 pub use group::Group;
 pub use handle::CanvasHandle;
-pub use plan::{Continuation, Node};
+pub use plan::{Continuation, Deferred, Node};
 pub use signature::{Partial, PartialTask, TaskCall};
 
 pub(crate) use runtime::report;

@@ -2,8 +2,11 @@
 //! the canvas is enqueued, and the [`Continuation`] each task's envelope carries.
 
 use chrono::{DateTime, Utc};
+use std::sync::{Arc, OnceLock};
+
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::signature::{ENCODE_ERROR, NOT_AN_OBJECT};
 use super::{Canvas, TaskCall};
@@ -76,8 +79,9 @@ pub enum Continuation {
         group: TaskId,
         /// Member index.
         index: usize,
-        /// What follows the group.
-        then: Box<Continuation>,
+        /// What follows the group: shared by every member and read only by the one that
+        /// carries the group on (see [`Deferred`]).
+        then: Deferred,
     },
     /// Start callbacks, then go on to `then` with the same outcome.
     Links {
@@ -200,4 +204,86 @@ fn plan_task(stem: &Stem, call: TaskCall, now: DateTime<Utc>) -> Result<Node> {
     env.created_at = now;
     let countdown_ms = call.options.countdown.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     Ok(Node::Task { env: Box::new(env), receives: call.receives, countdown_ms })
+}
+
+/// A continuation kept as its JSON text until it is needed.
+///
+/// Every member of a group carries what follows the group (a chord's callback with its whole
+/// envelope), but only the member that completes the group acts on it. So it is written once
+/// for all members when the canvas is enqueued (clones share the text), and a worker reads it
+/// only when its member carries the group on; every other member's envelope just passes it
+/// through as text.
+#[derive(Clone)]
+pub struct Deferred(Arc<DeferredInner>);
+
+struct DeferredInner {
+    parsed: OnceLock<Continuation>,
+    text: OnceLock<Box<RawValue>>,
+}
+
+impl Deferred {
+    /// Wrap a continuation built in this process.
+    pub fn new(continuation: Continuation) -> Self {
+        Deferred(Arc::new(DeferredInner { parsed: OnceLock::from(continuation), text: OnceLock::new() }))
+    }
+
+    /// A continuation read from the wire, parsed when first asked for.
+    pub(crate) fn from_text(text: Box<RawValue>) -> Self {
+        Deferred(Arc::new(DeferredInner { parsed: OnceLock::new(), text: OnceLock::from(text) }))
+    }
+
+    /// The continuation (parsed now if it came from the wire).
+    pub fn get(&self) -> std::result::Result<&Continuation, serde_json::Error> {
+        if let Some(c) = self.0.parsed.get() {
+            return Ok(c);
+        }
+        let text = self.0.text.get().map_or("null", |t| t.get());
+        let parsed: Continuation = serde_json::from_str(text)?;
+        // Another thread may have parsed it meanwhile; either value is the same.
+        Ok(self.0.parsed.get_or_init(|| parsed))
+    }
+
+    /// The JSON text, written now (once for all clones) if it was built in this process.
+    fn text(&self) -> std::result::Result<&RawValue, serde_json::Error> {
+        if let Some(t) = self.0.text.get() {
+            return Ok(t);
+        }
+        let text = match self.0.parsed.get() {
+            Some(c) => serde_json::value::to_raw_value(c)?,
+            None => serde_json::value::to_raw_value(&Continuation::Done)?,
+        };
+        Ok(self.0.text.get_or_init(|| text))
+    }
+}
+
+impl From<Continuation> for Deferred {
+    fn from(c: Continuation) -> Self {
+        Deferred::new(c)
+    }
+}
+
+impl Serialize for Deferred {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.text().map_err(serde::ser::Error::custom)?.serialize(s)
+    }
+}
+
+impl PartialEq for Deferred {
+    /// Equal when they mean the same continuation (the texts may differ in key order).
+    fn eq(&self, other: &Self) -> bool {
+        match (self.get(), other.get()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => self.text().ok().map(RawValue::get) == other.text().ok().map(RawValue::get),
+        }
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0.parsed.get(), self.0.text.get()) {
+            (Some(c), _) => c.fmt(f),
+            (None, Some(t)) => write!(f, "Deferred({})", t.get()),
+            (None, None) => f.write_str("Deferred(?)"),
+        }
+    }
 }

@@ -15,7 +15,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use super::batch;
-use super::plan::{Continuation, Node};
+use super::plan::{Continuation, Deferred, Node};
 use super::{CanvasFailure, GROUP_TASK_NAME};
 use crate::backend::{
     GroupState, MemberOutcome, MemberRecord, ResultBackend, TaskFailure, TaskState, TaskStatus,
@@ -78,8 +78,10 @@ impl Effects {
             Node::Group { id, members } => {
                 self.inits.push((id, members.len()));
                 self.groups.push(group_status(id, TaskState::Queued, None, None, now));
+                // One continuation for all members, written once (see `Deferred`).
+                let then = Deferred::new(cont);
                 for (index, member) in members.into_iter().enumerate() {
-                    let then = Box::new(cont.clone());
+                    let then = then.clone();
                     self.start(member, input, Continuation::Member { group: id, index, then }, now);
                 }
             }
@@ -247,6 +249,10 @@ impl Propagation<'_> {
                     if counts.failed == 0 && !counts.is_done() {
                         break;
                     }
+                    // Read what follows before claiming, so an unreadable continuation (an
+                    // encoding error: the worker dead-letters the delivery instead of
+                    // retrying it) never takes the claim with it.
+                    let next = then.get()?;
                     if !self.backend.chord_claim(group).await? && !self.take_over(group).await? {
                         break;
                     }
@@ -262,7 +268,7 @@ impl Propagation<'_> {
                         Err(f) => group_status(group, TaskState::Failed, None, Some(failure_record(f)), now),
                     });
                     source = group;
-                    cont = then;
+                    cont = next;
                 }
             }
         }

@@ -15,7 +15,9 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use super::plan::{Continuation, Node};
+use serde_json::value::RawValue;
+
+use super::plan::{Continuation, Deferred, Node};
 use crate::envelope::{Envelope, TaskId};
 
 /// The tag's key.
@@ -166,7 +168,14 @@ struct ThenFields {
 struct MemberFields {
     group: TaskId,
     index: usize,
-    then: Box<Continuation>,
+    then: Deferred,
+}
+
+impl<'de> Deserialize<'de> for Deferred {
+    /// Keeps the text; [`Deferred::get`] parses it when the member carries its group on.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(Deferred::from_text)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -239,7 +248,7 @@ mod tests {
         Continuation::Member {
             group: TaskId::new(),
             index: 3,
-            then: Box::new(Continuation::Then {
+            then: Deferred::new(Continuation::Then {
                 next: Box::new(linked),
                 then: Box::new(Continuation::Links {
                     links: vec![task("l", None)],
@@ -263,7 +272,7 @@ mod tests {
         let id = TaskId::new();
         let text = format!(r#"{{"group":"{id}","index":2,"then":{{"k":"done"}},"k":"member"}}"#);
         let c: Continuation = serde_json::from_str(&text).unwrap();
-        assert_eq!(c, Continuation::Member { group: id, index: 2, then: Box::new(Continuation::Done) });
+        assert_eq!(c, Continuation::Member { group: id, index: 2, then: Deferred::new(Continuation::Done) });
         let n: Node = serde_json::from_str(r#"{"steps":[],"k":"chain"}"#).unwrap();
         assert_eq!(n, Node::Chain { steps: Vec::new() });
     }
@@ -280,6 +289,27 @@ mod tests {
         assert!(fields.to_string().contains("group"), "{fields}");
         assert!(serde_json::from_str::<Node>("[1]").is_err());
         assert!(serde_json::from_str::<Continuation>("{}").is_err());
+    }
+
+    #[test]
+    fn what_follows_a_group_is_read_only_when_asked_for() {
+        let id = TaskId::new();
+        // A member whose group's continuation does not read: the member itself still reads
+        // (only the member that carries the group on needs it), and the error shows there.
+        let text = format!(r#"{{"k":"member","group":"{id}","index":0,"then":{{"k":"sideways"}}}}"#);
+        let c: Continuation = serde_json::from_str(&text).unwrap();
+        let Continuation::Member { then, .. } = &c else { panic!("{c:?}") };
+        assert!(then.get().unwrap_err().to_string().contains("sideways"));
+        // Passed through, the text is written back as it came.
+        assert_eq!(serde_json::to_string(&c).unwrap(), text);
+
+        // Built here, one text serves every clone.
+        let shared = Deferred::new(every_shape());
+        let a = Continuation::Member { group: id, index: 0, then: shared.clone() };
+        let b = Continuation::Member { group: id, index: 1, then: shared };
+        let (ta, tb) = (serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+        assert_eq!(ta.split_once(r#""then":"#).unwrap().1, tb.split_once(r#""then":"#).unwrap().1);
+        assert_eq!(serde_json::from_str::<Continuation>(&tb).unwrap(), b);
     }
 
     #[test]

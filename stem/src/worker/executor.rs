@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::backend::{TaskFailure, TaskState, TaskStatus};
-use crate::broker::{Delivery, REASON_INVALID_ARGS, REASON_UNREGISTERED, Receipt};
+use crate::broker::{Delivery, REASON_INVALID_ARGS, REASON_MALFORMED, REASON_UNREGISTERED, Receipt};
 use crate::envelope::Envelope;
 use crate::signals::{
     TaskFailed, TaskPostrun, TaskPrerun, TaskReceived, TaskRetried, TaskRevoked, TaskSoftTimeLimit,
@@ -84,6 +84,21 @@ async fn report_canvas(shared: &Shared, env: &Arc<Envelope>, redelivered: bool, 
     }
     match crate::canvas::report(&shared.producer, env, &status, redelivered).await {
         Ok(()) => Record::Finished { status: Some(status), receipt, action },
+        // What the envelope carries does not read (only found out when its group completes):
+        // running it again cannot help, so it goes to the DLQ with the reason.
+        Err(crate::Error::Encode(e)) => {
+            tracing::error!(task = %env.task, id = %env.id, error = %e, "canvas continuation unreadable; dead-lettered");
+            let detail = format!("canvas continuation: {e}");
+            Record::Finished {
+                status: Some(status),
+                receipt,
+                action: Action::DeadLetter {
+                    envelope: Box::new((**env).clone()),
+                    reason: REASON_MALFORMED,
+                    detail,
+                },
+            }
+        }
         Err(e) => {
             tracing::error!(task = %env.task, id = %env.id, error = %e, "canvas bookkeeping failed; the task will run again");
             let mut again = (**env).clone();
