@@ -542,3 +542,31 @@ async fn a_finish_refused_for_memory_acks_nothing() {
     assert_eq!(stream_sizes(&mut raw, &b.keys().stream("q", 0)).await, (1, 1), "still leased, not acked");
     assert!(backend.get(env.id).await.unwrap().is_none(), "no record was written");
 }
+
+/// A consumer on the fetch fast path whose group is destroyed under it (its `XREADGROUP`
+/// answers with an error) still gets its deliveries: the script recreates the group.
+#[tokio::test]
+async fn the_fast_path_recovers_when_its_group_vanishes() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBroker::new(conn, &ns);
+    let envs: Vec<Envelope> = (0..3).map(|n| env_at("q", n, 0)).collect();
+    b.publish(envs).await.unwrap();
+    // A full fetch under a backlog: the next one takes the fast path.
+    let first = b.consume(&req(1, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let destroyed: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(b.keys().stream("q", 0))
+        .arg("stem")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1);
+    let again = b.consume(&req(3, Duration::from_secs(60))).await.unwrap();
+    assert!(!again.is_empty(), "the script recreated the group and delivered");
+    let mut ns_seen: Vec<u64> = again.iter().map(n_of).collect();
+    ns_seen.sort_unstable();
+    ns_seen.dedup();
+    assert_eq!(ns_seen.len(), again.len(), "each entry once: {ns_seen:?}");
+}

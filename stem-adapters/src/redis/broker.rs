@@ -531,9 +531,17 @@ impl RedisBroker {
         for p in (0..=MAX_PRIORITY).filter(|p| *p != priority) {
             pipe.cmd("XLEN").arg(self.keys.stream(queue, p));
         }
-        let answers: Vec<Value> = match pipe.query_async(&mut self.cmd()).await {
-            Ok(a) => a,
+        // Server errors come back as answers and are looked for here, at the top level only:
+        // otherwise the client walks every value of every envelope looking for one, which was
+        // a twentieth of a worker's instructions.
+        pipe.ignore_errors();
+        let answers: Vec<Value> = match pipe.query_async::<Vec<Value>>(&mut self.cmd()).await {
             // E.g. the group vanished: the script knows how to recover.
+            Ok(a) if a.iter().any(|v| matches!(v, Value::ServerError(_))) => {
+                self.fast.lock().single = None;
+                return self.fetch_script(req).await;
+            }
+            Ok(a) => a,
             Err(e) if e.code().is_some() => {
                 self.fast.lock().single = None;
                 return self.fetch_script(req).await;
