@@ -219,7 +219,12 @@ fn by_queued_hash<'s>(
 ) -> Vec<(String, Vec<String>)> {
     super::grouped(statuses, |s| Keys::slot(s.id))
         .into_iter()
-        .map(|(slot, members)| (keys.queued_hash(slot), members.iter().map(|s| s.id.to_string()).collect()))
+        .map(|(slot, members)| {
+            let mut buf = [0u8; 36];
+            let ids =
+                members.iter().map(|s| s.id.0.as_hyphenated().encode_lower(&mut buf).to_owned()).collect();
+            (keys.queued_hash(slot), ids)
+        })
         .collect()
 }
 

@@ -24,15 +24,6 @@ use stem::TaskId;
 /// hash for their `queued` records.
 pub const QUEUED_SLOT_MS: u64 = 100;
 
-/// The slot of a time-ordered (UUIDv7) id: its timestamp in [`QUEUED_SLOT_MS`] units.
-fn slot(id: TaskId) -> Option<u64> {
-    if id.0.get_version_num() != 7 {
-        return None;
-    }
-    let b = id.0.as_bytes();
-    Some(u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]) / QUEUED_SLOT_MS)
-}
-
 /// The consumer group every queue stream has.
 pub const GROUP: &str = "stem";
 
@@ -111,7 +102,7 @@ impl Keys {
     /// `queued` records with one `HSET`. `None` for other ids: their `queued` record is their
     /// own record key.
     pub fn queued(&self, id: TaskId) -> Option<String> {
-        slot(id).map(|slot| self.queued_hash(slot))
+        Keys::slot(id).map(|slot| self.queued_hash(slot))
     }
 
     /// The `queued` slot hash of slot number `slot` (see [`Keys::slot`]).
@@ -125,7 +116,7 @@ impl Keys {
     /// worker writes a batch's records into one hash with one `HSET`. `None` for other ids:
     /// their record is [`Keys::record`].
     pub fn record_slot(&self, id: TaskId) -> Option<String> {
-        slot(id).map(|slot| self.record_hash(slot))
+        Keys::slot(id).map(|slot| self.record_hash(slot))
     }
 
     /// The record slot hash of slot number `slot` (see [`Keys::slot`]).
@@ -136,7 +127,11 @@ impl Keys {
     /// The slot number of a time-ordered id (its timestamp in [`QUEUED_SLOT_MS`] units), for
     /// grouping a batch's records by hash before naming each hash once.
     pub(crate) fn slot(id: TaskId) -> Option<u64> {
-        slot(id)
+        if id.0.get_version_num() != 7 {
+            return None;
+        }
+        let b = id.0.as_bytes();
+        Some(u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]) / QUEUED_SLOT_MS)
     }
 
     /// Progress of a task.

@@ -1,9 +1,9 @@
 //! The wire form of a canvas: [`Node`]s with every envelope built and every id assigned when
 //! the canvas is enqueued, and the [`Continuation`] each task's envelope carries.
 
-use chrono::{DateTime, Utc};
 use std::sync::{Arc, OnceLock};
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
