@@ -297,8 +297,9 @@ impl Stem {
         for env in &envelopes {
             signals.emit(|| BeforePublish { envelope: env.clone() });
         }
+        let now = Utc::now();
         let statuses: Vec<_> =
-            envelopes.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+            envelopes.iter().map(|e| TaskStatus::for_envelope_at(e, TaskState::Queued, now)).collect();
         let published = signals.is_connected::<AfterPublish>().then(|| envelopes.clone());
         self.inner.broker.record_and_publish(&*self.inner.backend, statuses, envelopes).await?;
         for envelope in published.into_iter().flatten() {

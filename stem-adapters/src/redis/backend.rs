@@ -3,7 +3,6 @@
 //! chord claim in Lua, heartbeats in a hash with an expiry index.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -169,10 +168,7 @@ impl RedisBackend {
         let ttl = millis(self.inner.ttl);
         let mut values = Vec::with_capacity(statuses.len());
         for s in statuses {
-            let mut value = Vec::with_capacity(512);
-            write!(value, "{}:1:0|", s.attempt).map_err(Error::backend)?;
-            serde_json::to_writer(&mut value, s)?;
-            values.push(value);
+            values.push(stored_value(s)?);
         }
         let mut id_buf = [0u8; 36];
         for (slot, members) in super::grouped(statuses.iter().zip(&values), |(s, _)| Keys::slot(s.id)) {
@@ -256,12 +252,9 @@ impl QueuedWrites {
     }
 }
 
-/// Append one record's three script arguments (see `scripts/status_lib.lua`).
+/// Append one record's four script arguments (see `scripts/status_lib.lua`).
 pub(crate) fn push_status_args(e: &mut Eval, keys: &Keys, s: &TaskStatus) -> Result<()> {
-    let terminal = u8::from(s.state.is_terminal());
-    let mut value = Vec::with_capacity(512);
-    write!(value, "{}:{terminal}:0|", s.attempt).map_err(Error::backend)?;
-    serde_json::to_writer(&mut value, s)?;
+    let value = stored_value(s)?;
     // Same text as the id's Display, without an allocation.
     let mut id_buf = [0u8; 36];
     e.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf))
@@ -271,10 +264,12 @@ pub(crate) fn push_status_args(e: &mut Eval, keys: &Keys, s: &TaskStatus) -> Res
     Ok(())
 }
 
-/// A `queued` record as stored: `"<attempt>:0:0|<json>"`.
-fn queued_value(s: &TaskStatus) -> Result<Vec<u8>> {
+/// A record as stored: `"<attempt>:<terminal>:0|<json>"` (the fencing script reads the
+/// prefix without decoding the JSON).
+fn stored_value(s: &TaskStatus) -> Result<Vec<u8>> {
     let mut value = Vec::with_capacity(512);
-    write!(value, "{}:0:0|", s.attempt).map_err(Error::backend)?;
+    value.extend_from_slice(itoa::Buffer::new().format(s.attempt).as_bytes());
+    value.extend_from_slice(if s.state.is_terminal() { b":1:0|" } else { b":0:0|" });
     serde_json::to_writer(&mut value, s)?;
     Ok(value)
 }
@@ -336,7 +331,7 @@ impl Inner {
         let ttl = millis(self.ttl);
         let mut writes = QueuedWrites::default();
         for (i, s) in statuses.iter().enumerate().filter(|(_, s)| Keys::slot(s.id).is_none()) {
-            pipe.cmd("SET").arg(self.keys.record(s.id)).arg(queued_value(s)?).arg("PX").arg(ttl).arg("NX");
+            pipe.cmd("SET").arg(self.keys.record(s.id)).arg(stored_value(s)?).arg("PX").arg(ttl).arg("NX");
             writes.commands.push(Some(i));
         }
         let mut id_buf = [0u8; 36];
@@ -344,7 +339,7 @@ impl Inner {
             let hash = self.keys.queued_hash(slot);
             pipe.cmd("HSET").arg(&hash);
             for s in members {
-                pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(queued_value(s)?);
+                pipe.arg(&*s.id.0.as_hyphenated().encode_lower(&mut id_buf)).arg(stored_value(s)?);
             }
             pipe.cmd("PEXPIRE").arg(hash).arg(ttl);
             writes.commands.extend([None, None]);

@@ -141,7 +141,11 @@ pub struct TaskStatus {
 impl TaskStatus {
     /// A record for `env` in `state`, stamped now.
     pub fn for_envelope(env: &Envelope, state: TaskState) -> Self {
-        let now = Utc::now();
+        Self::for_envelope_at(env, state, Utc::now())
+    }
+
+    /// [`Self::for_envelope`] as of `now` (a batch of records reads the clock once).
+    pub(crate) fn for_envelope_at(env: &Envelope, state: TaskState, now: DateTime<Utc>) -> Self {
         TaskStatus {
             id: env.id,
             task: env.task.clone(),

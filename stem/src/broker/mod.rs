@@ -177,6 +177,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Lease up to `req.max` ready envelopes, waiting up to `req.wait` for the first.
     fn consume<'a>(&'a self, req: &'a ConsumeRequest) -> BoxFuture<'a, Result<Vec<Delivery>>>;
 
+    /// How many [`Broker::consume`] calls a worker may keep in flight at once while its queues
+    /// have a backlog, each for a share of its free slots (it never fetches for more slots
+    /// than are free). The default, one, suits a broker that pays most per call (a database
+    /// transaction per claim); a broker whose fetch is one cheap command on a pipelined
+    /// connection answers more, so that one fetch's round trip passes while the tasks of the
+    /// other run.
+    fn fetches_in_flight(&self) -> usize {
+        1
+    }
+
     /// Finish deliveries. Receipts whose lease was lost are ignored.
     fn ack(&self, receipts: Vec<Receipt>) -> BoxFuture<'_, Result<()>>;
 

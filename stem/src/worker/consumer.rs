@@ -4,7 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::broker::ConsumeRequest;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::broker::{BoxFuture, ConsumeRequest, Delivery};
 use crate::signals::WorkerReady;
 
 use super::{Shared, executor};
@@ -13,82 +17,115 @@ const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(10);
 /// How long a fetch under backlog waits for more free slots to fill a bigger batch.
 const BATCH_LINGER: Duration = Duration::from_micros(500);
 
+/// A fetch in flight: the slots it holds and what the broker answers.
+type Fetch = BoxFuture<'static, (Vec<OwnedSemaphorePermit>, crate::Result<Vec<Delivery>>)>;
+
 /// Runs until a shutdown is requested. Broker errors are logged and retried with capped,
 /// jittered backoff, so a worker rides out a broker restart instead of dying or hanging.
 pub(crate) async fn run(shared: &Arc<Shared>) {
-    let mut req = ConsumeRequest {
+    let base = ConsumeRequest {
         queues: shared.config.queues.clone(),
         max: shared.config.prefetch,
         lease: shared.config.visibility_timeout,
         wait: shared.config.fetch_wait,
         consumer: shared.worker_id.to_string(),
     };
+    // Fetches in flight at once under a backlog (see `Broker::fetches_in_flight`). With one,
+    // the worker sits idle for a broker round trip after every batch; with two, the next half
+    // of the slots is being fetched while the other half runs. Never more than the free slots
+    // are fetched for, so no delivery waits in this worker for a slot (a long task cannot
+    // hold back short ones).
+    let max_fetches = shared.broker.fetches_in_flight().clamp(1, shared.config.prefetch.max(1));
+    let mut fetches: FuturesUnordered<Fetch> = FuturesUnordered::new();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     let mut backlog = false;
     shared
         .signals
-        .emit(|| WorkerReady { worker_id: Arc::clone(&shared.worker_id), queues: req.queues.clone() });
+        .emit(|| WorkerReady { worker_id: Arc::clone(&shared.worker_id), queues: base.queues.clone() });
     loop {
-        // Fetch only for free slots: a delivery never waits in this worker for a slot.
-        let first = tokio::select! {
+        // A second fetch only under a backlog: an idle queue needs one blocked read, not two.
+        let may_start = fetches.is_empty() || (backlog && fetches.len() < max_fetches);
+        tokio::select! {
             biased;
             () = shared.stop_fetching.cancelled() => return,
-            permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let mut permits = vec![first];
-        while permits.len() < shared.config.prefetch {
-            match Arc::clone(&shared.slots).try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
-        // Under a backlog (the last fetch was full), wait a moment for more slots to free up so
-        // one broker call carries a bigger batch; running tasks free them within microseconds,
-        // and an idle queue never waits here.
-        if backlog && permits.len() < shared.config.prefetch {
-            let linger = tokio::time::Instant::now() + BATCH_LINGER;
-            while permits.len() < shared.config.prefetch {
-                match tokio::time::timeout_at(linger, Arc::clone(&shared.slots).acquire_owned()).await {
-                    Ok(Ok(p)) => permits.push(p),
-                    _ => break,
+            Some((permits, fetched)) = fetches.next(), if !fetches.is_empty() => {
+                match fetched {
+                    Ok(deliveries) => {
+                        backlog = deliveries.len() == permits.len();
+                        if failing {
+                            tracing::info!(worker = %shared.worker_id, "broker reachable again; consuming");
+                            failing = false;
+                        }
+                        backoff = Duration::from_millis(100);
+                        start(shared, deliveries, permits);
+                    }
+                    Err(e) => {
+                        drop(permits);
+                        backlog = false;
+                        failing = true;
+                        let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                        tracing::error!(worker = %shared.worker_id, error = %e, retry_in = ?pause, "fetch failed");
+                        tokio::select! {
+                            () = shared.stop_fetching.cancelled() => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
+                    }
                 }
             }
-        }
-        req.max = permits.len();
-        let fetched = tokio::select! {
-            biased;
-            () = shared.stop_fetching.cancelled() => return,
-            r = shared.broker.consume(&req) => r,
-        };
-        match fetched {
-            Ok(deliveries) => {
-                backlog = deliveries.len() == req.max;
-                if failing {
-                    tracing::info!(worker = %shared.worker_id, "broker reachable again; consuming");
-                    failing = false;
-                }
-                backoff = Duration::from_millis(100);
-                for delivery in deliveries {
-                    let Some(permit) = permits.pop() else { break };
-                    shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(executor::execute(Arc::clone(shared), delivery, permit));
-                }
-            }
-            Err(e) => {
-                drop(permits);
-                failing = true;
-                let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                tracing::error!(worker = %shared.worker_id, error = %e, retry_in = ?pause, "fetch failed");
-                tokio::select! {
-                    () = shared.stop_fetching.cancelled() => return,
-                    () = tokio::time::sleep(pause) => {}
-                }
-                backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
+            permits = free_slots(shared, backlog, max_fetches), if may_start => {
+                let Some(permits) = permits else { return };
+                let mut req = base.clone();
+                req.max = permits.len();
+                let broker = Arc::clone(&shared.broker);
+                fetches.push(Box::pin(async move {
+                    let fetched = broker.consume(&req).await;
+                    (permits, fetched)
+                }));
             }
         }
     }
+}
+
+/// Start each delivery on its own task with one of the slots fetched for it; slots left over
+/// (the broker had fewer) are freed as they drop.
+fn start(shared: &Arc<Shared>, deliveries: Vec<Delivery>, mut permits: Vec<OwnedSemaphorePermit>) {
+    for delivery in deliveries {
+        let Some(permit) = permits.pop() else { break };
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(executor::execute(Arc::clone(shared), delivery, permit));
+    }
+}
+
+/// Wait for at least one free slot and take what is free, up to the prefetch. Under a
+/// backlog, wait a moment for more so one broker call carries a bigger batch: running tasks
+/// free them within microseconds, and an idle queue never waits here. The batch aimed for
+/// is the prefetch's share of each of the `fetches` that may be in flight.
+/// `None` once the slots are closed (the worker is stopping).
+async fn free_slots(
+    shared: &Arc<Shared>,
+    backlog: bool,
+    fetches: usize,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let prefetch = shared.config.prefetch;
+    let first = Arc::clone(&shared.slots).acquire_owned().await.ok()?;
+    let mut permits = vec![first];
+    while permits.len() < prefetch {
+        match Arc::clone(&shared.slots).try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+    let aim = prefetch.div_ceil(fetches);
+    if backlog && permits.len() < aim {
+        let linger = tokio::time::Instant::now() + BATCH_LINGER;
+        while permits.len() < aim {
+            match tokio::time::timeout_at(linger, Arc::clone(&shared.slots).acquire_owned()).await {
+                Ok(Ok(p)) => permits.push(p),
+                _ => break,
+            }
+        }
+    }
+    Some(permits)
 }
