@@ -160,6 +160,17 @@ fn by_stream(receipts: &[Receipt]) -> Vec<((&str, u8), Vec<Entry<'_>>)> {
 }
 
 /// A receipt's tag, `{priority}:{entry id}` (without `format!`: one per delivery).
+/// The consumer name a lease is held under: `{worker}~{lease ms}` (see `keys.rs`).
+fn lease_owner(consumer: &str, lease_ms: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let ms = digits.format(lease_ms);
+    let mut owner = String::with_capacity(consumer.len() + 1 + ms.len());
+    owner.push_str(consumer);
+    owner.push('~');
+    owner.push_str(ms);
+    owner
+}
+
 fn tag(priority: u8, id: &str) -> String {
     let mut digits = itoa::Buffer::new();
     let p = digits.format(priority);
@@ -526,7 +537,7 @@ impl RedisBroker {
     async fn fetch_native(&self, req: &ConsumeRequest, priority: u8) -> Result<Consumed> {
         let queue = req.queues.first().map(String::as_str).unwrap_or_default();
         let lease = millis(req.lease);
-        let owner = format!("{}~{lease}", req.consumer);
+        let owner = lease_owner(&req.consumer, lease);
         let mut pipe = redis::pipe();
         pipe.cmd("XREADGROUP")
             .arg("GROUP")
@@ -569,7 +580,7 @@ impl RedisBroker {
                     .cmd("XCLAIM")
                     .arg(self.keys.stream(queue, priority))
                     .arg(super::keys::GROUP)
-                    .arg(format!("{}~{v}", req.consumer))
+                    .arg(lease_owner(&req.consumer, v))
                     .arg(0)
                     .arg(&id)
                     .arg("JUSTID")
