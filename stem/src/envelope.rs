@@ -165,8 +165,62 @@ impl Envelope {
     pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
         // Most envelopes (a canvas task's included) fit: one allocation, no regrowth.
         let mut out = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut out, self)?;
+        self.write_json(&mut out)?;
         Ok(out)
+    }
+
+    /// Append the envelope's JSON to `out`: the same bytes as its `Serialize`, written
+    /// directly (see `crate::json`). Keep the field order and skip rules of the struct.
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut o = crate::json::Object::new(out);
+        o.uint("v", self.v.into());
+        o.id("id", self.id);
+        o.str("task", &self.task)?;
+        o.value("args", &self.args)?;
+        if !self.headers.is_empty() {
+            o.value("headers", &self.headers)?;
+        }
+        if !self.meta.is_empty() {
+            o.value("meta", &self.meta)?;
+        }
+        o.str("queue", &self.queue)?;
+        o.uint("priority", self.priority.into());
+        o.uint("attempt", self.attempt.into());
+        o.uint("max_retries", self.max_retries.into());
+        if let Some(t) = &self.not_before {
+            o.timestamp("not_before", t)?;
+        }
+        if let Some(t) = &self.expires {
+            o.timestamp("expires", t)?;
+        }
+        if let Some(d) = self.soft_time_limit {
+            o.uint("soft_time_limit", millis(d));
+        }
+        if let Some(d) = self.hard_time_limit {
+            o.uint("hard_time_limit", millis(d));
+        }
+        if let Some(d) = self.visibility_timeout {
+            o.uint("visibility_timeout", millis(d));
+        }
+        if let Some(b) = &self.backoff {
+            o.value("backoff", b)?;
+        }
+        if let Some(id) = self.parent_id {
+            o.id("parent_id", id);
+        }
+        if let Some(id) = self.root_id {
+            o.id("root_id", id);
+        }
+        if self.ignore_result {
+            o.value("ignore_result", &true)?;
+        }
+        o.timestamp("created_at", &self.created_at)?;
+        if let Some(c) = &self.canvas {
+            o.value("canvas", c)?;
+        }
+        o.end();
+        Ok(())
     }
 
     /// Parse JSON bytes, checking the version.

@@ -32,6 +32,7 @@ pub mod broker;
 pub mod canvas;
 pub mod envelope;
 pub mod error;
+mod json;
 pub mod prelude;
 pub mod producer;
 pub mod result;

@@ -16,10 +16,10 @@ use serde::Serializer;
 use serde::de::{self, Deserializer, Visitor};
 
 /// Longest text written here: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
-const MAX_LEN: usize = 30;
+pub(crate) const MAX_LEN: usize = 30;
 
 /// `t` as RFC 3339 text in `buf`, or `None` when chrono has to format it.
-fn format(t: &DateTime<Utc>, buf: &mut [u8; MAX_LEN]) -> Option<usize> {
+pub(crate) fn format(t: &DateTime<Utc>, buf: &mut [u8; MAX_LEN]) -> Option<usize> {
     // The naive value: `DateTime`'s own accessors add the (zero) offset on every call.
     let t = t.naive_utc();
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;

@@ -270,7 +270,7 @@ fn stored_value(s: &TaskStatus) -> Result<Vec<u8>> {
     let mut value = Vec::with_capacity(512);
     value.extend_from_slice(itoa::Buffer::new().format(s.attempt).as_bytes());
     value.extend_from_slice(if s.state.is_terminal() { b":1:0|" } else { b":0:0|" });
-    serde_json::to_writer(&mut value, s)?;
+    s.write_json(&mut value)?;
     Ok(value)
 }
 

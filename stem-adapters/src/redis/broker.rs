@@ -315,7 +315,10 @@ impl RedisBroker {
         self.conn.commands()
     }
 
-    /// Append the commands that store `envelopes` to `pipe` (their answers are ignored).
+    /// Append the commands that store `envelopes` to `pipe`, one answer each, after whatever
+    /// `pipe` holds (callers read only the answers before them). They are not marked ignored:
+    /// the client parses every answer anyway, and marking one costs a hash-set insert and, per
+    /// answer, a lookup.
     ///
     /// Plain commands, no script: appending to a stream needs no check. A connection lost
     /// mid-pipeline may leave part of a batch stored; the caller's retry then publishes some
@@ -335,7 +338,7 @@ impl RedisBroker {
                 let mut member =
                     format!("{priority}|{}|", vis.map(|v| v.to_string()).unwrap_or_default()).into_bytes();
                 member.extend_from_slice(&json);
-                pipe.cmd("ZADD").arg(self.keys.delayed(&env.queue)).arg(due).arg(member).ignore();
+                pipe.cmd("ZADD").arg(self.keys.delayed(&env.queue)).arg(due).arg(member);
             } else {
                 let stream = match &last {
                     Some((q, p, key)) if *q == env.queue && *p == priority => key,
@@ -349,7 +352,6 @@ impl RedisBroker {
                 if let Some(v) = vis {
                     xadd.arg("v").arg(v);
                 }
-                xadd.ignore();
             }
         }
         Ok(())

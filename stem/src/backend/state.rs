@@ -165,6 +165,50 @@ impl TaskStatus {
         }
     }
 
+    /// Append the record's JSON to `out`: the same bytes as its `Serialize`, written
+    /// directly (see `crate::json`); adapters store and publish it once per task. Keep the
+    /// field order and skip rules of the struct.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        let mut o = crate::json::Object::new(out);
+        o.id("id", self.id);
+        o.str("task", &self.task)?;
+        o.str("state", self.state.as_str())?;
+        if let Some(r) = &self.result {
+            o.value("result", r)?;
+        }
+        if let Some(e) = &self.error {
+            o.value("error", e)?;
+        }
+        o.uint("attempt", self.attempt.into());
+        for (name, t) in [
+            ("queued_at", &self.queued_at),
+            ("started_at", &self.started_at),
+            ("finished_at", &self.finished_at),
+        ] {
+            if let Some(t) = t {
+                o.timestamp(name, t)?;
+            }
+        }
+        o.timestamp("updated_at", &self.updated_at)?;
+        if let Some(w) = &self.worker_id {
+            o.str("worker_id", w)?;
+        }
+        if let Some(p) = &self.progress {
+            o.value("progress", p)?;
+        }
+        if !self.meta.is_empty() {
+            o.value("meta", &self.meta)?;
+        }
+        if let Some(id) = self.parent_id {
+            o.id("parent_id", id);
+        }
+        if let Some(id) = self.root_id {
+            o.id("root_id", id);
+        }
+        o.end();
+        Ok(())
+    }
+
     /// Whether `self` may replace `current`: a record of an older attempt never overwrites a
     /// newer one, and within one attempt a terminal state is never replaced by a non-terminal
     /// one (a late "running" must not hide "succeeded").
