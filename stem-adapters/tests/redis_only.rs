@@ -570,3 +570,44 @@ async fn the_fast_path_recovers_when_its_group_vanishes() {
     ns_seen.dedup();
     assert_eq!(ns_seen.len(), again.len(), "each entry once: {ns_seen:?}");
 }
+
+#[tokio::test]
+async fn a_batch_bigger_than_one_pipeline_stores_every_record_and_envelope() {
+    let (conn, ns, _) = connect().await;
+    let b = RedisBroker::new(conn.clone(), &ns);
+    let backend = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    // Several chunks (two pipelines in flight at once), one envelope of them delayed.
+    let mut envs: Vec<Envelope> = (0..4_500)
+        .map(|i| {
+            let mut e = Envelope::new("t", serde_json::json!({ "i": i }));
+            e.queue = "bulk".into();
+            e
+        })
+        .collect();
+    envs[3_333].not_before = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    let statuses = envs.iter().map(|e| TaskStatus::for_envelope(e, TaskState::Queued)).collect();
+    b.record_and_publish(&backend, statuses, envs.clone()).await.unwrap();
+
+    let counts = b.counts("bulk").await.unwrap();
+    assert_eq!((counts.pending, counts.delayed), (4_499, 1));
+    for e in [&envs[0], &envs[1_999], &envs[2_000], &envs[3_333], &envs[4_499]] {
+        let s = backend.get(e.id).await.unwrap().expect("a queued record");
+        assert_eq!(s.state, TaskState::Queued);
+    }
+    // Envelopes arrive in publish order, each once.
+    let req = ConsumeRequest {
+        queues: vec!["bulk".into()],
+        max: 1_000,
+        lease: Duration::from_secs(30),
+        wait: Duration::from_secs(1),
+        consumer: "c".into(),
+    };
+    let mut got = Vec::new();
+    while got.len() < 4_499 {
+        let batch = b.consume(&req).await.unwrap();
+        assert!(!batch.is_empty(), "only {} of 4,499 delivered", got.len());
+        got.extend(batch.into_iter().map(|d| d.envelope.id));
+    }
+    let want: Vec<_> = envs.iter().filter(|e| e.not_before.is_none()).map(|e| e.id).collect();
+    assert_eq!(got, want);
+}

@@ -160,6 +160,28 @@ fn by_stream(receipts: &[Receipt]) -> Vec<((&str, u8), Vec<Entry<'_>>)> {
 }
 
 /// A receipt's tag, `{priority}:{entry id}` (without `format!`: one per delivery).
+/// Run `calls` (pipelines of one batch's chunks) in order, with up to two in flight: the next
+/// chunk is encoded while the server stores the one before it, instead of each side waiting
+/// for the other. Stops at the first error (chunks already sent may have been stored, which
+/// at-least-once delivery allows).
+async fn in_flight_pairs<F: std::future::Future<Output = Result<()>>>(
+    calls: impl Iterator<Item = F>,
+) -> Result<()> {
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    for call in calls {
+        if in_flight.len() >= 2 {
+            if let Some(done) = futures_util::StreamExt::next(&mut in_flight).await {
+                done?;
+            }
+        }
+        in_flight.push_back(call);
+    }
+    while let Some(done) = futures_util::StreamExt::next(&mut in_flight).await {
+        done?;
+    }
+    Ok(())
+}
+
 /// The consumer name a lease is held under: `{worker}~{lease ms}` (see `keys.rs`).
 fn lease_owner(consumer: &str, lease_ms: u64) -> String {
     let mut digits = itoa::Buffer::new();
@@ -735,12 +757,12 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            for chunk in envelopes.chunks(PUBLISH_CHUNK) {
+            in_flight_pairs(envelopes.chunks(PUBLISH_CHUNK).map(|chunk| async move {
                 let mut pipe = redis::pipe();
                 self.push_publish(&mut pipe, chunk).await?;
-                pipe.query_async::<()>(&mut self.cmd()).await.map_err(err)?;
-            }
-            Ok(())
+                pipe.query_async::<()>(&mut self.cmd()).await.map_err(err)
+            }))
+            .await
         })
     }
 
@@ -752,20 +774,27 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let colocated = self.same_store(backend);
-            let small = statuses.len() <= PUBLISH_CHUNK && envelopes.len() <= PUBLISH_CHUNK;
             match colocated {
-                // One pipeline, records first (slot hashes, or `SET … NX` for ids that are not
-                // time-ordered), then the envelopes. A `SET … NX` that met an existing record
-                // (an id enqueued again) goes through the fencing script afterwards, which
-                // never lets it replace an outcome; reads prefer a task's own record to its
-                // slot-hash one for the same reason.
-                Some(b) if small && statuses.iter().all(|s| s.state == TaskState::Queued) => {
-                    let mut pipe = redis::pipe();
-                    let writes = b.push_create_queued(&mut pipe, &statuses)?;
-                    self.push_publish(&mut pipe, &envelopes).await?;
-                    let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
-                    let records = &answers[..writes.commands().min(answers.len())];
-                    b.finish_create_queued(&statuses, records, &writes).await
+                // Per chunk one pipeline, records first (slot hashes, or `SET … NX` for ids that
+                // are not time-ordered), then the chunk's envelopes, so every task's record is
+                // stored before its envelope can be read. A `SET … NX` that met an existing
+                // record (an id enqueued again) goes through the fencing script afterwards,
+                // which never lets it replace an outcome; reads prefer a task's own record to
+                // its slot-hash one for the same reason.
+                Some(b)
+                    if statuses.len() == envelopes.len()
+                        && statuses.iter().all(|s| s.state == TaskState::Queued) =>
+                {
+                    let chunks = statuses.chunks(PUBLISH_CHUNK).zip(envelopes.chunks(PUBLISH_CHUNK));
+                    in_flight_pairs(chunks.map(|(statuses, envelopes)| async move {
+                        let mut pipe = redis::pipe();
+                        let writes = b.push_create_queued(&mut pipe, statuses)?;
+                        self.push_publish(&mut pipe, envelopes).await?;
+                        let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
+                        let records = &answers[..writes.commands().min(answers.len())];
+                        b.finish_create_queued(statuses, records, &writes).await
+                    }))
+                    .await
                 }
                 _ => set_then_publish(self, backend, statuses, envelopes).await,
             }
