@@ -159,7 +159,6 @@ fn by_stream(receipts: &[Receipt]) -> Vec<((&str, u8), Vec<Entry<'_>>)> {
         .collect()
 }
 
-/// A receipt's tag, `{priority}:{entry id}` (without `format!`: one per delivery).
 /// Run `calls` (pipelines of one batch's chunks) in order, with up to two in flight: the next
 /// chunk is encoded while the server stores the one before it, instead of each side waiting
 /// for the other. Stops at the first error (chunks already sent may have been stored, which
@@ -184,23 +183,21 @@ async fn in_flight_pairs<F: std::future::Future<Output = Result<()>>>(
 
 /// The consumer name a lease is held under: `{worker}~{lease ms}` (see `keys.rs`).
 fn lease_owner(consumer: &str, lease_ms: u64) -> String {
-    let mut digits = itoa::Buffer::new();
-    let ms = digits.format(lease_ms);
-    let mut owner = String::with_capacity(consumer.len() + 1 + ms.len());
-    owner.push_str(consumer);
-    owner.push('~');
-    owner.push_str(ms);
-    owner
+    concat3(consumer, '~', itoa::Buffer::new().format(lease_ms))
 }
 
+/// A receipt's tag, `{priority}:{entry id}` (one per delivery).
 fn tag(priority: u8, id: &str) -> String {
-    let mut digits = itoa::Buffer::new();
-    let p = digits.format(priority);
-    let mut tag = String::with_capacity(p.len() + 1 + id.len());
-    tag.push_str(p);
-    tag.push(':');
-    tag.push_str(id);
-    tag
+    concat3(itoa::Buffer::new().format(priority), ':', id)
+}
+
+/// `a`, `sep`, `b` in one allocation (no `core::fmt`: these are built per fetch or per task).
+fn concat3(a: &str, sep: char, b: &str) -> String {
+    let mut out = String::with_capacity(a.len() + sep.len_utf8() + b.len());
+    out.push_str(a);
+    out.push(sep);
+    out.push_str(b);
+    out
 }
 
 /// Whether every receipt's lease holds for at least [`FENCE_MARGIN`] more.
