@@ -383,6 +383,23 @@ impl RedisBroker {
         redis.colocated_with(&self.conn, &self.keys).then_some(redis)
     }
 
+    /// Make sure the streams `envelopes` go to have their groups, before a batch's chunks go
+    /// out: then no chunk waits on a group's creation, so the chunks are sent in their order
+    /// and envelopes keep their publish order within a priority.
+    async fn ensure_groups(&self, envelopes: &[Envelope]) -> Result<()> {
+        let now = Utc::now();
+        let mut last: Option<(&str, u8)> = None;
+        // Delayed envelopes go to the sorted set; their streams are made when they are due.
+        for env in envelopes.iter().filter(|e| e.not_before.is_none_or(|t| t <= now)) {
+            let at = (env.queue.as_str(), env.priority.min(MAX_PRIORITY));
+            if last != Some(at) {
+                self.ensure_group(&self.keys.stream(at.0, at.1)).await?;
+                last = Some(at);
+            }
+        }
+        Ok(())
+    }
+
     /// Create `stream` and its consumer group unless this broker already did (or saw them).
     async fn ensure_group(&self, stream: &str) -> Result<()> {
         if self.grouped.lock().contains(stream) {
@@ -754,6 +771,7 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            self.ensure_groups(&envelopes).await?;
             in_flight_pairs(envelopes.chunks(PUBLISH_CHUNK).map(|chunk| async move {
                 let mut pipe = redis::pipe();
                 self.push_publish(&mut pipe, chunk).await?;
@@ -782,6 +800,7 @@ impl Broker for RedisBroker {
                     if statuses.len() == envelopes.len()
                         && statuses.iter().all(|s| s.state == TaskState::Queued) =>
                 {
+                    self.ensure_groups(&envelopes).await?;
                     let chunks = statuses.chunks(PUBLISH_CHUNK).zip(envelopes.chunks(PUBLISH_CHUNK));
                     in_flight_pairs(chunks.map(|(statuses, envelopes)| async move {
                         let mut pipe = redis::pipe();
