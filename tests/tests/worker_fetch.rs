@@ -1,12 +1,16 @@
 //! The worker's fetch loop over a broker that allows two fetches in flight: under a backlog a
 //! second fetch overlaps the first, yet the fetches together never ask for more deliveries
-//! than there are free slots, and an idle queue is watched by one fetch only.
+//! than there are free slots, an idle queue is watched by one fetch only, and a failed fetch
+//! pauses new fetches without holding back what the other one delivered.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use stem::broker::{BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, Receipt};
 use stem::envelope::Envelope;
@@ -39,6 +43,15 @@ struct Overlapping {
     asked: AtomicUsize,
     /// Times a fetch would have asked for more than the free slots.
     oversubscribed: AtomicUsize,
+    /// A successful fetch's round trip (at least 2 ms). Every `fail_every`-th fetch (0: none)
+    /// fails instead, after `fail_after`.
+    ok_after: Duration,
+    fail_every: usize,
+    fail_after: Duration,
+    calls: AtomicUsize,
+    /// When fetches failed, and when each successful one returned what.
+    failed_at: Mutex<Vec<Instant>>,
+    returned: Mutex<Vec<(Instant, Vec<stem::TaskId>)>>,
 }
 
 impl Broker for Overlapping {
@@ -54,8 +67,22 @@ impl Broker for Overlapping {
             if RUNNING.load(Ordering::SeqCst) + asked > CONCURRENCY {
                 self.oversubscribed.fetch_add(1, Ordering::SeqCst);
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            let fetched = self.inner.consume(req).await;
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let fails = self.fail_every > 0 && call.is_multiple_of(self.fail_every);
+            // When the round trip ends, whenever the worker gets round to polling it.
+            let done_at = Instant::now()
+                + if fails { self.fail_after } else { self.ok_after.max(Duration::from_millis(2)) };
+            tokio::time::sleep_until(done_at).await;
+            let fetched = if fails {
+                self.failed_at.lock().unwrap().push(done_at);
+                Err(stem::Error::backend("injected fetch failure"))
+            } else {
+                self.inner.consume(req).await
+            };
+            if let Ok(deliveries) = &fetched {
+                let ids = deliveries.iter().map(|d| d.envelope.id).collect();
+                self.returned.lock().unwrap().push((done_at, ids));
+            }
             self.asked.fetch_sub(req.max, Ordering::SeqCst);
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             fetched
@@ -168,4 +195,65 @@ async fn a_backlog_is_fetched_two_at_a_time_within_the_free_slots_and_an_idle_qu
     worker.shutdown().await.unwrap();
     let counts = broker.counts("default").await.unwrap();
     assert_eq!((counts.pending, counts.in_flight), (0, 0), "every delivery finished");
+}
+
+/// When each task started.
+static STARTED: Mutex<Vec<(stem::TaskId, Instant)>> = Mutex::new(Vec::new());
+
+#[task(name = "fetch.stamped")]
+async fn stamped(ctx: TaskContext, i: u32) -> u32 {
+    STARTED.lock().unwrap().push((ctx.id(), Instant::now()));
+    tokio::time::sleep(Duration::from_millis(u64::from(1 + i % 3))).await;
+    i
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_fetch_pauses_new_fetches_but_not_what_the_other_fetch_delivered() {
+    // The second fetch of a pair fails well before the first comes back.
+    let broker = Arc::new(Overlapping {
+        ok_after: Duration::from_millis(5),
+        fail_every: 3,
+        fail_after: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let backend = Arc::new(MemoryBackend::new());
+    let registry = Arc::new(Registry::new().register::<stamped>().build().unwrap());
+    let stem = Stem::builder(broker.clone(), backend.clone()).build();
+    let handles = stem.enqueue_many((0..300).map(stamped::new)).await.unwrap();
+    let mut config = WorkerConfig::default();
+    config.concurrency = CONCURRENCY;
+    config.fetch_wait = Duration::from_millis(100);
+    let worker = Worker::builder(broker.clone(), backend.clone())
+        .registry(registry)
+        .config(config)
+        .build()
+        .unwrap()
+        .spawn();
+    for (i, h) in (0u32..).zip(handles) {
+        assert_eq!(h.wait(WAIT).await.unwrap(), i, "every task runs despite the failed fetches");
+    }
+    worker.shutdown().await.unwrap();
+
+    let failed_at = broker.failed_at.lock().unwrap().clone();
+    let returned = broker.returned.lock().unwrap().clone();
+    let started: HashMap<_, _> = STARTED.lock().unwrap().iter().copied().collect();
+    // A failure pauses new fetches for at least 50 ms (half the first backoff). Deliveries of
+    // a fetch that came back during such a pause still start at once.
+    let pause = Duration::from_millis(50);
+    let mut during_a_pause = 0;
+    for (at, ids) in &returned {
+        if failed_at.iter().any(|f| f < at && *at < *f + pause) {
+            during_a_pause += ids.len();
+        }
+        for id in ids {
+            let began = started[id];
+            assert!(
+                began - *at < Duration::from_millis(5),
+                "delivered at {at:?}, started {:?} later",
+                began - *at
+            );
+        }
+    }
+    assert!(failed_at.len() >= 3, "failures were injected: {}", failed_at.len());
+    assert!(during_a_pause > 0, "some deliveries came back while new fetches were paused");
 }

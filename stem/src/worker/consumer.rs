@@ -40,15 +40,20 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     let mut backlog = false;
+    // After a failed fetch no new one starts until this instant; a fetch still in flight is
+    // handled meanwhile, so what it delivered starts at once rather than after the pause.
+    let mut paused_until: Option<tokio::time::Instant> = None;
     shared
         .signals
         .emit(|| WorkerReady { worker_id: Arc::clone(&shared.worker_id), queues: base.queues.clone() });
     loop {
         // A second fetch only under a backlog: an idle queue needs one blocked read, not two.
-        let may_start = fetches.is_empty() || (backlog && fetches.len() < max_fetches);
+        let may_start =
+            paused_until.is_none() && (fetches.is_empty() || (backlog && fetches.len() < max_fetches));
         tokio::select! {
             biased;
             () = shared.stop_fetching.cancelled() => return,
+            () = sleep_until(paused_until), if paused_until.is_some() => paused_until = None,
             Some((permits, fetched)) = fetches.next(), if !fetches.is_empty() => {
                 match fetched {
                     Ok(deliveries) => {
@@ -66,10 +71,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
                         failing = true;
                         let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
                         tracing::error!(worker = %shared.worker_id, error = %e, retry_in = ?pause, "fetch failed");
-                        tokio::select! {
-                            () = shared.stop_fetching.cancelled() => return,
-                            () = tokio::time::sleep(pause) => {}
-                        }
+                        paused_until = Some(tokio::time::Instant::now() + pause);
                         backoff = (backoff * 2).min(MAX_FETCH_BACKOFF);
                     }
                 }
@@ -85,6 +87,14 @@ pub(crate) async fn run(shared: &Arc<Shared>) {
                 }));
             }
         }
+    }
+}
+
+/// Sleep until `at` (never resolves for `None`; the caller's guard keeps it unpolled then).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
