@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use stem::broker::{BoxFuture, Broker, ConsumeRequest, DeadLetter, Delivery, QueueCounts, Receipt};
 use stem::envelope::Envelope;
 use stem::prelude::*;
-use stem::{MemoryBackend, MemoryBroker, Registry, Stem, Worker, WorkerConfig};
+use stem::{MemoryBackend, MemoryBroker, Registry, Stem, Worker, WorkerConfig, WorkerHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CONCURRENCY: usize = 8;
@@ -164,21 +164,30 @@ impl Broker for Overlapping {
     }
 }
 
+/// A worker with [`CONCURRENCY`] slots on `broker`.
+fn start_worker(
+    broker: &Arc<Overlapping>,
+    backend: &Arc<MemoryBackend>,
+    registry: Arc<Registry>,
+) -> WorkerHandle {
+    let mut config = WorkerConfig::default();
+    config.concurrency = CONCURRENCY;
+    config.fetch_wait = Duration::from_millis(100);
+    Worker::builder(broker.clone(), backend.clone())
+        .registry(registry)
+        .config(config)
+        .build()
+        .unwrap()
+        .spawn()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_fetched_two_at_a_time_within_the_free_slots_and_an_idle_queue_by_one() {
     let broker = Arc::new(Overlapping::default());
     let backend = Arc::new(MemoryBackend::new());
     let registry = Arc::new(Registry::new().register::<varied>().build().unwrap());
     let stem = Stem::builder(broker.clone(), backend.clone()).build();
-    let mut config = WorkerConfig::default();
-    config.concurrency = CONCURRENCY;
-    config.fetch_wait = Duration::from_millis(100);
-    let worker = Worker::builder(broker.clone(), backend.clone())
-        .registry(registry)
-        .config(config)
-        .build()
-        .unwrap()
-        .spawn();
+    let worker = start_worker(&broker, &backend, registry);
 
     // Idle: the queue is watched by one fetch at a time, however long it stays empty.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -220,15 +229,7 @@ async fn a_failed_fetch_pauses_new_fetches_but_not_what_the_other_fetch_delivere
     let registry = Arc::new(Registry::new().register::<stamped>().build().unwrap());
     let stem = Stem::builder(broker.clone(), backend.clone()).build();
     let handles = stem.enqueue_many((0..300).map(stamped::new)).await.unwrap();
-    let mut config = WorkerConfig::default();
-    config.concurrency = CONCURRENCY;
-    config.fetch_wait = Duration::from_millis(100);
-    let worker = Worker::builder(broker.clone(), backend.clone())
-        .registry(registry)
-        .config(config)
-        .build()
-        .unwrap()
-        .spawn();
+    let worker = start_worker(&broker, &backend, registry);
     for (i, h) in (0u32..).zip(handles) {
         assert_eq!(h.wait(WAIT).await.unwrap(), i, "every task runs despite the failed fetches");
     }

@@ -341,11 +341,12 @@ impl RedisBroker {
     ///
     /// Plain commands, no script: appending to a stream needs no check. A connection lost
     /// mid-pipeline may leave part of a batch stored; the caller's retry then publishes some
-    /// envelopes twice, which at-least-once delivery allows.
-    async fn push_publish(&self, pipe: &mut redis::Pipeline, envelopes: &[Envelope]) -> Result<()> {
+    /// envelopes twice, which at-least-once delivery allows. The streams' groups must exist
+    /// already (see [`Self::ensure_groups`]).
+    fn push_publish(&self, pipe: &mut redis::Pipeline, envelopes: &[Envelope]) -> Result<()> {
         let now = Utc::now().timestamp_millis();
         // The stream of the previous envelope: a batch mostly goes to one queue and priority,
-        // whose key is then built (and its group checked) once instead of per envelope.
+        // whose key is then built once instead of per envelope.
         let mut last: Option<(&str, u8, String)> = None;
         for env in envelopes {
             let json = env.to_json()?;
@@ -361,11 +362,7 @@ impl RedisBroker {
             } else {
                 let stream = match &last {
                     Some((q, p, key)) if *q == env.queue && *p == priority => key,
-                    _ => {
-                        let key = self.keys.stream(&env.queue, priority);
-                        self.ensure_group(&key).await?;
-                        &last.insert((&env.queue, priority, key)).2
-                    }
+                    _ => &last.insert((&env.queue, priority, self.keys.stream(&env.queue, priority))).2,
                 };
                 let xadd = pipe.cmd("XADD").arg(stream).arg("*").arg("e").arg(json);
                 if let Some(v) = vis {
@@ -387,10 +384,9 @@ impl RedisBroker {
     /// out: then no chunk waits on a group's creation, so the chunks are sent in their order
     /// and envelopes keep their publish order within a priority.
     async fn ensure_groups(&self, envelopes: &[Envelope]) -> Result<()> {
-        let now = Utc::now();
+        // Delayed envelopes' streams too: one may fall due before `push_publish` looks at it.
         let mut last: Option<(&str, u8)> = None;
-        // Delayed envelopes go to the sorted set; their streams are made when they are due.
-        for env in envelopes.iter().filter(|e| e.not_before.is_none_or(|t| t <= now)) {
+        for env in envelopes {
             let at = (env.queue.as_str(), env.priority.min(MAX_PRIORITY));
             if last != Some(at) {
                 self.ensure_group(&self.keys.stream(at.0, at.1)).await?;
@@ -774,7 +770,7 @@ impl Broker for RedisBroker {
             self.ensure_groups(&envelopes).await?;
             in_flight_pairs(envelopes.chunks(PUBLISH_CHUNK).map(|chunk| async move {
                 let mut pipe = redis::pipe();
-                self.push_publish(&mut pipe, chunk).await?;
+                self.push_publish(&mut pipe, chunk)?;
                 pipe.query_async::<()>(&mut self.cmd()).await.map_err(err)
             }))
             .await
@@ -805,7 +801,7 @@ impl Broker for RedisBroker {
                     in_flight_pairs(chunks.map(|(statuses, envelopes)| async move {
                         let mut pipe = redis::pipe();
                         let writes = b.push_create_queued(&mut pipe, statuses)?;
-                        self.push_publish(&mut pipe, envelopes).await?;
+                        self.push_publish(&mut pipe, envelopes)?;
                         let answers: Vec<Value> = pipe.query_async(&mut self.cmd()).await.map_err(err)?;
                         let records = &answers[..writes.commands().min(answers.len())];
                         b.finish_create_queued(statuses, records, &writes).await
