@@ -157,6 +157,42 @@ async fn graceful_shutdown_lets_running_tasks_finish() {
     assert_eq!((c.pending, c.in_flight), (0, 0));
 }
 
+#[task(name = "runtime.counted")]
+async fn counted(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Poll `f` until it holds, for at most `WAIT`.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let give_up = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < give_up, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_handle_counts_running_and_processed_deliveries() {
+    let app = TestApp::new(Registry::new().register::<counted>());
+    let worker = app.start_default();
+    assert_eq!((worker.in_flight(), worker.processed()), (0, 0));
+    let handles = app.stem.enqueue_many((0..3).map(|_| counted::new(400))).await.unwrap();
+    eventually("three tasks run", || worker.in_flight() == 3).await;
+    assert_eq!(worker.processed(), 0, "nothing finished while they all still run");
+    for h in handles {
+        h.wait(WAIT).await.unwrap();
+    }
+    // The record is stored before the ack, and the count moves after the ack.
+    eventually("three deliveries are processed", || worker.processed() == 3).await;
+    assert_eq!(worker.in_flight(), 0);
+    let more = app.stem.enqueue_many((0..5).map(|_| counted::new(0))).await.unwrap();
+    for h in more {
+        h.wait(WAIT).await.unwrap();
+    }
+    eventually("eight deliveries are processed", || worker.processed() == 8).await;
+    worker.shutdown().await.unwrap();
+}
+
 static SLOW_MODE: AtomicBool = AtomicBool::new(true);
 static RELEASED_DONE: AtomicU32 = AtomicU32::new(0);
 

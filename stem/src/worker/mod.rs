@@ -289,6 +289,18 @@ impl WorkerHandle {
         self.shutdown.clone()
     }
 
+    /// Deliveries this worker has finished handling since it started: outcome recorded and
+    /// the broker told (or, when that failed, the delivery left to be redelivered). The
+    /// `processed` figure of its heartbeats.
+    pub fn processed(&self) -> u64 {
+        self.shutdown.shared.processed.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries running now (the `in_flight` figure of its heartbeats).
+    pub fn in_flight(&self) -> usize {
+        self.shutdown.shared.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Wait for the worker to stop (after a shutdown was requested elsewhere).
     pub async fn join(self) -> Result<()> {
         self.join.await.map_err(|e| Error::Config(format!("worker task failed: {e}")))?
