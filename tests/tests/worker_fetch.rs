@@ -43,6 +43,8 @@ struct Overlapping {
     asked: AtomicUsize,
     /// Times a fetch would have asked for more than the free slots.
     oversubscribed: AtomicUsize,
+    /// How many deliveries each fetch asked for, in order.
+    sizes: Mutex<Vec<usize>>,
     /// A successful fetch's round trip (at least 2 ms). Every `fail_every`-th fetch (0: none)
     /// fails instead, after `fail_after`.
     ok_after: Duration,
@@ -67,6 +69,7 @@ impl Broker for Overlapping {
             if RUNNING.load(Ordering::SeqCst) + asked > CONCURRENCY {
                 self.oversubscribed.fetch_add(1, Ordering::SeqCst);
             }
+            self.sizes.lock().unwrap().push(req.max);
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let fails = self.fail_every > 0 && call.is_multiple_of(self.fail_every);
             // When the round trip ends, whenever the worker gets round to polling it.
@@ -204,6 +207,40 @@ async fn a_backlog_is_fetched_two_at_a_time_within_the_free_slots_and_an_idle_qu
     worker.shutdown().await.unwrap();
     let counts = broker.counts("default").await.unwrap();
     assert_eq!((counts.pending, counts.in_flight), (0, 0), "every delivery finished");
+}
+
+#[task(name = "fetch.instant")]
+async fn instant(i: u32) -> u32 {
+    i
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instant_tasks_keep_two_fetches_of_half_the_slots_in_flight() {
+    // Tasks that end at once free every slot of a batch together: a fetch that then took all
+    // the free slots would leave no slot for a second one, and the worker would fall back to
+    // one fetch at a time for the rest of the backlog.
+    let broker = Arc::new(Overlapping::default());
+    let backend = Arc::new(MemoryBackend::new());
+    let registry = Arc::new(Registry::new().register::<instant>().build().unwrap());
+    let stem = Stem::builder(broker.clone(), backend.clone()).build();
+    let handles = stem.enqueue_many((0..400).map(instant::new)).await.unwrap();
+    let worker = start_worker(&broker, &backend, registry);
+    for (i, h) in (0u32..).zip(handles) {
+        assert_eq!(h.wait(WAIT).await.unwrap(), i);
+    }
+    worker.shutdown().await.unwrap();
+    let sizes = broker.sizes.lock().unwrap().clone();
+    assert_eq!(sizes.first(), Some(&CONCURRENCY), "the first fetch takes every free slot");
+    let half = CONCURRENCY / 2;
+    // The backlog lasts until the last fetches come back short; until then every fetch asks
+    // for half the slots, so two are in flight.
+    let backlog = &sizes[1..sizes.len().saturating_sub(3)];
+    assert!(backlog.len() > 40, "fetches under the backlog: {sizes:?}");
+    assert!(
+        backlog.iter().all(|n| *n <= half),
+        "a fetch under a backlog took more than half the slots: {sizes:?}"
+    );
+    assert_eq!(broker.peak.load(Ordering::SeqCst), 2, "two fetches overlapped");
 }
 
 /// When each task started.
