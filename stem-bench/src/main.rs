@@ -268,6 +268,7 @@ impl Adapters {
         let dropped = match adapter_name(url) {
             "redis" | "rediss" => drop_redis_namespace(url).await,
             "postgres" | "postgresql" => drop_postgres_namespace(url).await,
+            "sqlite" => drop_sqlite_namespace(url).await,
             _ => Ok(()),
         };
         if let Err(e) = dropped {
@@ -309,12 +310,28 @@ async fn drop_postgres_namespace(url: &str) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Connect; `fresh` gives a server URL (Redis, Postgres) without `ns=` a namespace of its own,
-/// and the bench queue is purged, so leftovers of an interrupted run never count. (A
-/// `sqlite://` file is used as given: it is the caller's, one per run if they like.)
+/// A run's own SQLite namespace is a sibling file of the one named: remove it with its WAL
+/// files (this process's connections keep the unlinked file until they close).
+async fn drop_sqlite_namespace(url: &str) -> Result<(), BoxError> {
+    use stem_adapters::sqlite::{SqliteOptions, SqliteStore};
+    let store = SqliteStore::connect(url, SqliteOptions::default()).await?;
+    let Some(path) = store.path() else { return Ok(()) };
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Connect; `fresh` gives a URL without `ns=` a namespace of its own (Redis keys, a Postgres
+/// schema, a SQLite sibling file), removed after the run, and the bench queue is purged, so
+/// leftovers of an interrupted run never count.
 async fn connect(url: &str, fresh: bool) -> Result<Adapters, BoxError> {
-    let server = !matches!(adapter_name(url), "memory" | "sqlite");
-    let own = (fresh && server && !url.contains("ns=")).then(|| {
+    let own = (fresh && adapter_name(url) != "memory" && !url.contains("ns=")).then(|| {
         let sep = if url.contains('?') { '&' } else { '?' };
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());

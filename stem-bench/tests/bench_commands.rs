@@ -1,6 +1,6 @@
 //! The measuring commands (`drain`, `chord`) on every adapter URL, given as the docs give
-//! them (no `ns=`): each runs, prints its figures, and a run on a server leaves no namespace
-//! of its own behind (Redis keys, a Postgres schema).
+//! them (no `ns=`): each runs, prints its figures, and leaves no namespace of its own behind
+//! (Redis keys, a Postgres schema, a SQLite sibling file).
 //!
 //! Uses `STEM_TEST_REDIS_URL` (default `redis://127.0.0.1:6379/0`) and `STEM_TEST_PG_URL`
 //! (default `postgres://postgres@127.0.0.1:5432/test`).
@@ -63,6 +63,9 @@ fn drain_and_chord_run_on_sqlite() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("bench.db").display());
     drain_and_chord(&url);
+    // Each run had a sibling file of its own and removed it.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

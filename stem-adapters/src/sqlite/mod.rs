@@ -23,7 +23,7 @@ mod broker;
 mod stores;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -88,6 +88,8 @@ struct StoreInner {
     hub: Arc<Hub>,
     masked: String,
     options: SqliteOptions,
+    /// The database file (`None` in memory).
+    path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -157,7 +159,14 @@ impl SqliteStore {
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_lazy_with(connect)
         };
-        let inner = Arc::new(StoreInner { writer, reader, hub: Arc::new(Hub::default()), masked, options });
+        let inner = Arc::new(StoreInner {
+            writer,
+            reader,
+            hub: Arc::new(Hub::default()),
+            masked,
+            options,
+            path: key.clone(),
+        });
         if let Some(key) = key {
             let mut open = OPEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let map = open.get_or_insert_with(HashMap::new);
@@ -189,6 +198,12 @@ impl SqliteStore {
     /// The URL, password masked.
     pub fn masked_url(&self) -> &str {
         &self.inner.masked
+    }
+
+    /// The database file this store opened (its namespace's sibling file for a `?ns=`
+    /// URL); `None` for an in-memory database.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
     }
 
     pub(crate) fn hub(&self) -> &Arc<Hub> {
