@@ -167,30 +167,40 @@ impl Broker for Overlapping {
     }
 }
 
-/// A worker with [`CONCURRENCY`] slots on `broker`.
-fn start_worker(
-    broker: &Arc<Overlapping>,
-    backend: &Arc<MemoryBackend>,
-    registry: Arc<Registry>,
-) -> WorkerHandle {
-    let mut config = WorkerConfig::default();
-    config.concurrency = CONCURRENCY;
-    config.fetch_wait = Duration::from_millis(100);
-    Worker::builder(broker.clone(), backend.clone())
-        .registry(registry)
-        .config(config)
-        .build()
-        .unwrap()
-        .spawn()
+/// A producer on `broker` with an in-memory backend, and workers started on demand.
+struct Harness {
+    broker: Arc<Overlapping>,
+    backend: Arc<MemoryBackend>,
+    stem: Stem,
+}
+
+impl Harness {
+    fn new(broker: Overlapping) -> Self {
+        let broker = Arc::new(broker);
+        let backend = Arc::new(MemoryBackend::new());
+        let stem = Stem::builder(broker.clone(), backend.clone()).build();
+        Harness { broker, backend, stem }
+    }
+
+    /// A worker with [`CONCURRENCY`] slots that runs task `T`.
+    fn start<T: stem::Task>(&self) -> WorkerHandle {
+        let mut config = WorkerConfig::default();
+        config.concurrency = CONCURRENCY;
+        config.fetch_wait = Duration::from_millis(100);
+        Worker::builder(self.broker.clone(), self.backend.clone())
+            .registry(Registry::new().register::<T>().build().unwrap())
+            .config(config)
+            .build()
+            .unwrap()
+            .spawn()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_fetched_two_at_a_time_within_the_free_slots_and_an_idle_queue_by_one() {
-    let broker = Arc::new(Overlapping::default());
-    let backend = Arc::new(MemoryBackend::new());
-    let registry = Arc::new(Registry::new().register::<varied>().build().unwrap());
-    let stem = Stem::builder(broker.clone(), backend.clone()).build();
-    let worker = start_worker(&broker, &backend, registry);
+    let h = Harness::new(Overlapping::default());
+    let (broker, stem) = (&h.broker, &h.stem);
+    let worker = h.start::<varied>();
 
     // Idle: the queue is watched by one fetch at a time, however long it stays empty.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -219,17 +229,14 @@ async fn instant_tasks_keep_two_fetches_of_half_the_slots_in_flight() {
     // Tasks that end at once free every slot of a batch together: a fetch that then took all
     // the free slots would leave no slot for a second one, and the worker would fall back to
     // one fetch at a time for the rest of the backlog.
-    let broker = Arc::new(Overlapping::default());
-    let backend = Arc::new(MemoryBackend::new());
-    let registry = Arc::new(Registry::new().register::<instant>().build().unwrap());
-    let stem = Stem::builder(broker.clone(), backend.clone()).build();
-    let handles = stem.enqueue_many((0..400).map(instant::new)).await.unwrap();
-    let worker = start_worker(&broker, &backend, registry);
+    let h = Harness::new(Overlapping::default());
+    let handles = h.stem.enqueue_many((0..400).map(instant::new)).await.unwrap();
+    let worker = h.start::<instant>();
     for (i, h) in (0u32..).zip(handles) {
         assert_eq!(h.wait(WAIT).await.unwrap(), i);
     }
     worker.shutdown().await.unwrap();
-    let sizes = broker.sizes.lock().unwrap().clone();
+    let sizes = h.broker.sizes.lock().unwrap().clone();
     assert_eq!(sizes.first(), Some(&CONCURRENCY), "the first fetch takes every free slot");
     let half = CONCURRENCY / 2;
     // The backlog lasts until the last fetches come back short; until then every fetch asks
@@ -240,7 +247,7 @@ async fn instant_tasks_keep_two_fetches_of_half_the_slots_in_flight() {
         backlog.iter().all(|n| *n <= half),
         "a fetch under a backlog took more than half the slots: {sizes:?}"
     );
-    assert_eq!(broker.peak.load(Ordering::SeqCst), 2, "two fetches overlapped");
+    assert_eq!(h.broker.peak.load(Ordering::SeqCst), 2, "two fetches overlapped");
 }
 
 /// When each task started.
@@ -256,17 +263,15 @@ async fn stamped(ctx: TaskContext, i: u32) -> u32 {
 #[tokio::test(start_paused = true)]
 async fn a_failed_fetch_pauses_new_fetches_but_not_what_the_other_fetch_delivered() {
     // The second fetch of a pair fails well before the first comes back.
-    let broker = Arc::new(Overlapping {
+    let h = Harness::new(Overlapping {
         ok_after: Duration::from_millis(5),
         fail_every: 3,
         fail_after: Duration::from_millis(1),
         ..Default::default()
     });
-    let backend = Arc::new(MemoryBackend::new());
-    let registry = Arc::new(Registry::new().register::<stamped>().build().unwrap());
-    let stem = Stem::builder(broker.clone(), backend.clone()).build();
-    let handles = stem.enqueue_many((0..300).map(stamped::new)).await.unwrap();
-    let worker = start_worker(&broker, &backend, registry);
+    let broker = &h.broker;
+    let handles = h.stem.enqueue_many((0..300).map(stamped::new)).await.unwrap();
+    let worker = h.start::<stamped>();
     for (i, h) in (0u32..).zip(handles) {
         assert_eq!(h.wait(WAIT).await.unwrap(), i, "every task runs despite the failed fetches");
     }
