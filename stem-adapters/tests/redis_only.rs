@@ -611,3 +611,88 @@ async fn a_batch_bigger_than_one_pipeline_stores_every_record_and_envelope() {
     let want: Vec<_> = envs.iter().filter(|e| e.not_before.is_none()).map(|e| e.id).collect();
     assert_eq!(got, want);
 }
+
+fn member(group: stem::TaskId, index: usize, ok: bool) -> stem::backend::MemberRecord {
+    stem::backend::MemberRecord {
+        group,
+        index,
+        outcome: stem::backend::MemberOutcome {
+            task_id: stem::TaskId::new(),
+            state: if ok { TaskState::Succeeded } else { TaskState::Failed },
+            result: ok.then(|| serde_json::json!(index)),
+            error: (!ok).then(|| stem::backend::TaskFailure::new("boom", "member failed", false)),
+        },
+    }
+}
+
+/// `(succeeded, failed)` of each result, or the error's text.
+fn tallies(results: Vec<stem::Result<stem::backend::GroupCounts>>) -> Vec<Result<(usize, usize), String>> {
+    results.into_iter().map(|r| r.map(|c| (c.succeeded, c.failed)).map_err(|e| e.to_string())).collect()
+}
+
+#[tokio::test]
+async fn member_successes_of_a_known_group_count_exactly_like_the_script() {
+    let (conn, ns, _) = connect().await;
+    let b = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let g = stem::TaskId::new();
+    b.group_init(g, 6).await.unwrap();
+    // The first record goes through the script, which tells the backend the group's total;
+    // later batches of successes are plain commands.
+    assert_eq!(tallies(b.group_record_many(vec![member(g, 0, true)]).await.unwrap()), vec![Ok((1, 0))]);
+    let got = b
+        .group_record_many(vec![
+            member(g, 1, true),
+            member(g, 1, true),
+            member(g, 9, true),
+            member(g, 2, true),
+        ])
+        .await
+        .unwrap();
+    let got = tallies(got);
+    assert_eq!(got[0], Ok((2, 0)));
+    assert_eq!(got[1], Ok((2, 0)), "the same index twice counts once");
+    assert!(got[2].as_ref().unwrap_err().contains("has no member 9"), "{:?}", got[2]);
+    assert_eq!(got[3], Ok((3, 0)));
+    // A failure counts itself (script); a success for its index afterwards changes nothing.
+    assert_eq!(tallies(b.group_record_many(vec![member(g, 3, false)]).await.unwrap()), vec![Ok((3, 1))]);
+    assert_eq!(tallies(b.group_record_many(vec![member(g, 3, true)]).await.unwrap()), vec![Ok((3, 1))]);
+    // The claim adds a field of its own; the counts do not move.
+    assert!(b.chord_claim(g).await.unwrap());
+    assert_eq!(tallies(b.group_record_many(vec![member(g, 4, true)]).await.unwrap()), vec![Ok((4, 1))]);
+    let last = b.group_record_many(vec![member(g, 5, true), member(g, 0, false)]).await.unwrap();
+    assert!(last[0].as_ref().unwrap().is_done(), "the record completing the group sees it complete");
+    assert_eq!(
+        tallies(last),
+        vec![Ok((5, 1)), Ok((5, 1))],
+        "a later failure of a succeeded index is ignored"
+    );
+    let state = b.group_get(g).await.unwrap().unwrap();
+    assert_eq!((state.counts.total, state.counts.succeeded, state.counts.failed), (6, 5, 1));
+    assert!(state.claimed);
+    let states: Vec<_> = state.members.iter().map(|m| m.as_ref().map(|m| m.state)).collect();
+    let (ok, failed) = (Some(TaskState::Succeeded), Some(TaskState::Failed));
+    assert_eq!(states, vec![ok, ok, ok, failed, ok, ok], "each index keeps its first outcome");
+    // The single-record call agrees.
+    let one = b.group_record(g, 2, member(g, 2, true).outcome).await.unwrap();
+    assert_eq!((one.succeeded, one.failed), (5, 1));
+}
+
+#[tokio::test]
+async fn a_known_group_that_expired_is_unknown_and_never_comes_back_without_expiry() {
+    let (conn, ns, client) = connect().await;
+    let b = RedisBackend::new(conn, &ns, Duration::from_secs(60));
+    let g = stem::TaskId::new();
+    b.group_init(g, 3).await.unwrap();
+    b.group_record_many(vec![member(g, 0, true)]).await.unwrap();
+    let key = b.keys().group(g);
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL").arg(&key).exec_async(&mut raw).await.unwrap();
+    let got = tallies(b.group_record_many(vec![member(g, 1, true)]).await.unwrap());
+    assert!(got[0].as_ref().unwrap_err().contains("does not exist or has expired"), "{got:?}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut raw).await.unwrap();
+    assert_ne!(ttl, -1, "a group key without expiry was left behind");
+    assert!(b.group_get(g).await.unwrap().is_none());
+    // Recording again asks the script, which knows the group is gone.
+    let again = tallies(b.group_record_many(vec![member(g, 2, true)]).await.unwrap());
+    assert!(again[0].as_ref().unwrap_err().contains("does not exist or has expired"), "{again:?}");
+}

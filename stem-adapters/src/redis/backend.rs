@@ -20,6 +20,7 @@ use stem::{Error, Result};
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
 use super::RedisConnection;
+use super::groups;
 use super::keys::Keys;
 use super::scripts::{self, Eval};
 
@@ -28,9 +29,6 @@ const UNSUBSCRIBE_BATCH_DELAY: Duration = Duration::from_millis(20);
 
 /// Most records written by one script call.
 const SET_CHUNK: usize = 2_000;
-
-/// Most group members recorded by one `group_record_many` script call.
-const RECORD_CHUNK: usize = 1_000;
 
 fn err(e: impl Into<stem::error::BoxError>) -> Error {
     Error::backend(e)
@@ -63,10 +61,12 @@ enum First {
     Read(Result<Option<TaskStatus>>),
 }
 
-struct Inner {
+pub(super) struct Inner {
     conn: RedisConnection,
-    keys: Keys,
-    ttl: Duration,
+    pub(super) keys: Keys,
+    pub(super) ttl: Duration,
+    /// Group totals seen, for recording members without a script (see `groups.rs`).
+    pub(super) totals: super::groups::Totals,
     /// Tasks being waited on here, each with its waiters.
     waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
     next_waiter: AtomicU64,
@@ -87,6 +87,7 @@ impl RedisBackend {
                 conn,
                 keys: Keys::new(namespace),
                 ttl,
+                totals: super::groups::Totals::default(),
                 waiters: Mutex::new(HashMap::new()),
                 next_waiter: AtomicU64::new(0),
                 pubsub: OnceCell::new(),
@@ -295,11 +296,11 @@ fn decode_status(json: &[u8], progress: Option<&[u8]>) -> Result<TaskStatus> {
 }
 
 impl Inner {
-    fn cmd(&self) -> ConnectionManager {
+    pub(super) fn cmd(&self) -> ConnectionManager {
         self.conn.commands()
     }
 
-    fn eval(&self, script: &'static std::sync::LazyLock<redis::Script>) -> Eval {
+    pub(super) fn eval(&self, script: &'static std::sync::LazyLock<redis::Script>) -> Eval {
         let mut e = Eval::new(script);
         e.arg(self.keys.namespace());
         e
@@ -613,89 +614,6 @@ fn on_message(inner: &Arc<Inner>, data: &[Value]) {
     }
 }
 
-/// A group script's answer for one record: `{total, succeeded, failed}`, or `{-1, ..}` for an
-/// unknown group, `{-2, ..}` for an index out of range.
-/// Each record's counts, read right after it was applied, from one group's answer to
-/// `group_record_many`: `[total (-1: unknown group), succeeded before, failed before, one
-/// flag per record ('1' applied, '0' already recorded, '2' no such member)]`.
-fn member_counts<'r>(
-    group: TaskId,
-    records: impl ExactSizeIterator<Item = &'r MemberRecord>,
-    reply: &[Value],
-) -> Result<Vec<Result<GroupCounts>>> {
-    let malformed = || err(format!("unexpected answer for group {group}: {reply:?}"));
-    let [Value::Int(total), Value::Int(s), Value::Int(f), Value::BulkString(flags)] = reply else {
-        return Err(malformed());
-    };
-    if flags.len() != records.len() {
-        return Err(malformed());
-    }
-    let (mut s, mut f) = (*s, *f);
-    Ok(records
-        .zip(flags)
-        .map(|(r, flag)| {
-            if *total < 0 {
-                return group_counts(group, r.index, &[-1]);
-            }
-            match flag {
-                b'2' => return group_counts(group, r.index, &[-2]),
-                b'1' if r.outcome.state == TaskState::Succeeded => s += 1,
-                b'1' => f += 1,
-                _ => {}
-            }
-            group_counts(group, r.index, &[*total, s, f])
-        })
-        .collect())
-}
-
-fn group_counts(group: TaskId, index: usize, counts: &[i64]) -> Result<GroupCounts> {
-    match counts {
-        [-1, ..] => Err(err(format!("group {group} does not exist or has expired"))),
-        [-2, ..] => Err(err(format!("group {group} has no member {index}"))),
-        [total, s, f] => Ok(GroupCounts {
-            total: usize::try_from(*total).unwrap_or(0),
-            succeeded: usize::try_from(*s).unwrap_or(0),
-            failed: usize::try_from(*f).unwrap_or(0),
-        }),
-        other => Err(err(format!("unexpected group counters {other:?}"))),
-    }
-}
-
-/// Most member fields one `HMGET` of `group_get` names.
-const GROUP_READ_CHUNK: usize = 10_000;
-
-/// A group's hash field for member `index`: `m{index}`.
-fn member_field(index: usize) -> String {
-    let mut buf = itoa::Buffer::new();
-    let digits = buf.format(index);
-    let mut field = String::with_capacity(1 + digits.len());
-    field.push('m');
-    field.push_str(digits);
-    field
-}
-
-/// A group from its counters (`total`, `s`, `f`, `claimed`, as `HMGET` answers them) and its
-/// member fields in member order; `None` when it has no `total` (unknown or expired).
-fn group_state(
-    id: TaskId,
-    counters: &[Option<Vec<u8>>],
-    members: Vec<Option<Vec<u8>>>,
-) -> Result<Option<GroupState>> {
-    let num =
-        |i: usize| -> Option<usize> { std::str::from_utf8(counters.get(i)?.as_deref()?).ok()?.parse().ok() };
-    let Some(total) = num(0) else { return Ok(None) };
-    let members = members
-        .into_iter()
-        .map(|m| m.map(|json| serde_json::from_slice(&json)).transpose())
-        .collect::<std::result::Result<Vec<Option<MemberOutcome>>, _>>()?;
-    Ok(Some(GroupState {
-        id,
-        members,
-        counts: GroupCounts { total, succeeded: num(1).unwrap_or(0), failed: num(2).unwrap_or(0) },
-        claimed: counters.get(3).is_some_and(Option::is_some),
-    }))
-}
-
 impl ResultBackend for RedisBackend {
     fn set(&self, statuses: Vec<TaskStatus>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
@@ -759,87 +677,21 @@ impl ResultBackend for RedisBackend {
         index: usize,
         outcome: MemberOutcome,
     ) -> BoxFuture<'_, Result<GroupCounts>> {
-        Box::pin(async move {
-            let inner = &self.inner;
-            let mut e = inner.eval(&scripts::GROUP_RECORD);
-            e.arg(group.to_string())
-                .arg(index)
-                .arg(u8::from(outcome.state == TaskState::Succeeded))
-                .arg(serde_json::to_vec(&outcome)?);
-            let counts: Vec<i64> = e.run(&mut inner.cmd()).await.map_err(err)?;
-            group_counts(group, index, &counts)
-        })
+        Box::pin(async move { groups::record(&self.inner, group, index, &outcome).await })
     }
 
-    /// One `group_record_many` script call per `RECORD_CHUNK` records (one for a worker's
-    /// batch), atomic like `group_record` and idempotent per index. The script says which
-    /// records it applied and where each group's counters stood before; each record's counts
-    /// follow from those (see the script for why it does not count per record itself).
+    /// Successes of groups whose total this backend has seen go out as plain commands in one
+    /// `MULTI`; the rest as one `group_record_many` script call per 1,000 records. Atomic like
+    /// `group_record` and idempotent per index either way (see `groups.rs`).
     fn group_record_many(
         &self,
         records: Vec<MemberRecord>,
     ) -> BoxFuture<'_, Result<Vec<Result<GroupCounts>>>> {
-        Box::pin(async move {
-            let inner = &self.inner;
-            let mut out = Vec::with_capacity(records.len());
-            for chunk in records.chunks(RECORD_CHUNK) {
-                let groups = super::grouped(chunk.iter().enumerate(), |(_, r)| Some(r.group));
-                let mut e = inner.eval(&scripts::GROUP_RECORD_MANY);
-                let mut id_buf = [0u8; 36];
-                for (group, members) in &groups {
-                    e.arg(&*group.0.as_hyphenated().encode_lower(&mut id_buf)).arg(members.len());
-                    for (_, r) in members {
-                        e.arg(r.index)
-                            .arg(member_field(r.index))
-                            .arg(u8::from(r.outcome.state == TaskState::Succeeded))
-                            .arg(serde_json::to_vec(&r.outcome)?);
-                    }
-                }
-                let answer: Vec<Value> = e.run(&mut inner.cmd()).await.map_err(err)?;
-                let mut counts: Vec<Option<Result<GroupCounts>>> = (0..chunk.len()).map(|_| None).collect();
-                for ((group, members), reply) in groups.iter().zip(answer.chunks(4)) {
-                    let applied = member_counts(*group, members.iter().map(|(_, r)| *r), reply)?;
-                    for ((at, _), result) in members.iter().zip(applied) {
-                        counts[*at] = Some(result);
-                    }
-                }
-                for (r, c) in chunk.iter().zip(counts) {
-                    out.push(c.unwrap_or_else(|| {
-                        Err(err(format!(
-                            "group_record_many gave no answer for member {} of group {}",
-                            r.index, r.group
-                        )))
-                    }));
-                }
-            }
-            Ok(out)
-        })
+        Box::pin(async move { groups::record_many(&self.inner, records).await })
     }
 
     fn group_get(&self, group: TaskId) -> BoxFuture<'_, Result<Option<GroupState>>> {
-        Box::pin(async move {
-            let inner = &self.inner;
-            let key = inner.keys.group(group);
-            // The member count first (fixed when the group is made), then one consistent read
-            // of the counters and every member's field by name, in member order: half the
-            // answer of an `HGETALL` (no field names) and no map to build, which for a chord
-            // of 10,000 was most of the time between its last member and its callback.
-            let total: Option<usize> =
-                redis::cmd("HGET").arg(&key).arg("total").query_async(&mut inner.cmd()).await.map_err(err)?;
-            let Some(total) = total else { return Ok(None) };
-            let mut pipe = redis::pipe();
-            pipe.atomic().cmd("HMGET").arg(&key).arg("total").arg("s").arg("f").arg("claimed");
-            for start in (0..total).step_by(GROUP_READ_CHUNK) {
-                let members = pipe.cmd("HMGET").arg(&key);
-                for index in start..total.min(start + GROUP_READ_CHUNK) {
-                    members.arg(member_field(index));
-                }
-            }
-            let answers: Vec<Vec<Option<Vec<u8>>>> = pipe.query_async(&mut inner.cmd()).await.map_err(err)?;
-            let mut answers = answers.into_iter();
-            let counters = answers.next().unwrap_or_default();
-            group_state(group, &counters, answers.flatten().collect())
-        })
+        Box::pin(async move { groups::get(&self.inner, group).await })
     }
 
     fn chord_claim(&self, group: TaskId) -> BoxFuture<'_, Result<bool>> {

@@ -9,6 +9,7 @@
 
 mod backend;
 mod broker;
+mod groups;
 pub mod keys;
 mod scripts;
 mod stores;
