@@ -1,6 +1,7 @@
-//! The Redis result backend: status records as strings with a TTL written by a fencing Lua
-//! script, progress beside them, terminal writes published for `wait`, group counters and the
-//! chord claim in Lua, heartbeats in a hash with an expiry index.
+//! The Redis result backend: status records (fields of slot hashes, or keys, with a TTL;
+//! fenced by a Lua script where a write could replace another), progress beside them, terminal
+//! writes published for `wait`, groups and chord claims (see `groups.rs`), heartbeats in a
+//! hash with an expiry index.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,7 +67,7 @@ pub(super) struct Inner {
     pub(super) keys: Keys,
     pub(super) ttl: Duration,
     /// Group totals seen, for recording members without a script (see `groups.rs`).
-    pub(super) totals: super::groups::Totals,
+    pub(super) totals: groups::Totals,
     /// Tasks being waited on here, each with its waiters.
     waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
     next_waiter: AtomicU64,
@@ -87,7 +88,7 @@ impl RedisBackend {
                 conn,
                 keys: Keys::new(namespace),
                 ttl,
-                totals: super::groups::Totals::default(),
+                totals: groups::Totals::default(),
                 waiters: Mutex::new(HashMap::new()),
                 next_waiter: AtomicU64::new(0),
                 pubsub: OnceCell::new(),

@@ -4,8 +4,10 @@
 //! Both run on a [`RedisConnection`]: one auto-reconnecting multiplexed connection for
 //! commands and scripts, plus a small pool of dedicated connections for blocking reads, so a
 //! consumer blocked on an empty queue never stalls anybody else's commands. Every state
-//! change is one Lua script (loaded with `include_str!`, run with `EVALSHA`), so it is atomic
-//! and costs one round trip per batch. See `docs/redis.md` for keys, scripts and guarantees.
+//! change is atomic and costs one round trip per batch: a Lua script (loaded with
+//! `include_str!`, run with `EVALSHA`) where it must read before it writes, plain commands in
+//! a pipeline or `MULTI` where they need not. See `docs/redis.md` for keys, scripts and
+//! guarantees.
 
 mod backend;
 mod broker;
