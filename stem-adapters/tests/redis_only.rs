@@ -630,12 +630,18 @@ fn tallies(results: Vec<stem::Result<stem::backend::GroupCounts>>) -> Vec<Result
     results.into_iter().map(|r| r.map(|c| (c.succeeded, c.failed)).map_err(|e| e.to_string())).collect()
 }
 
-#[tokio::test]
-async fn member_successes_of_a_known_group_count_exactly_like_the_script() {
-    let (conn, ns, _) = connect().await;
+/// A backend in a fresh namespace with a new group of `total` members.
+async fn new_group(total: usize) -> (RedisBackend, stem::TaskId, redis::Client) {
+    let (conn, ns, client) = connect().await;
     let b = RedisBackend::new(conn, &ns, Duration::from_secs(60));
     let g = stem::TaskId::new();
-    b.group_init(g, 6).await.unwrap();
+    b.group_init(g, total).await.unwrap();
+    (b, g, client)
+}
+
+#[tokio::test]
+async fn member_successes_of_a_known_group_count_exactly_like_the_script() {
+    let (b, g, _) = new_group(6).await;
     // The first record goes through the script, which tells the backend the group's total;
     // later batches of successes are plain commands.
     assert_eq!(tallies(b.group_record_many(vec![member(g, 0, true)]).await.unwrap()), vec![Ok((1, 0))]);
@@ -679,10 +685,7 @@ async fn member_successes_of_a_known_group_count_exactly_like_the_script() {
 
 #[tokio::test]
 async fn a_known_group_that_expired_is_unknown_and_never_comes_back_without_expiry() {
-    let (conn, ns, client) = connect().await;
-    let b = RedisBackend::new(conn, &ns, Duration::from_secs(60));
-    let g = stem::TaskId::new();
-    b.group_init(g, 3).await.unwrap();
+    let (b, g, client) = new_group(3).await;
     b.group_record_many(vec![member(g, 0, true)]).await.unwrap();
     let key = b.keys().group(g);
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
