@@ -261,8 +261,8 @@ struct Adapters {
 impl Adapters {
     /// Remove what the run stored under its own namespace, so that runs which follow measure
     /// the same server rather than one holding every earlier run's results (with 1.4 GB of
-    /// them in Redis, drains ran about a third slower), and no schema is left behind per run
-    /// on Postgres. A failure is logged.
+    /// them in Redis, drains ran about a third slower), and no Postgres schema or SQLite file
+    /// is left behind per run. A failure is logged.
     async fn drop_own_namespace(&self) {
         let Some(url) = self.own.as_deref() else { return };
         let dropped = match adapter_name(url) {

@@ -228,13 +228,14 @@ async fn record_plain(inner: &Inner, groups: &ByGroup<'_>) -> Result<Vec<(usize,
         let present = i64::try_from(fixed.iter().flatten().count()).unwrap_or(0);
         let newly = i64::try_from(applied.iter().filter(|a| **a).count()).unwrap_or(0);
         let succeeded_before = len - present - failed - newly;
+        // Same flags as the script's: '2' out of range (not sent), '1' applied, '0' recorded.
         let mut applied = applied.into_iter();
         let flags: Vec<u8> = in_range
             .iter()
-            .map(|ok| match (ok, ok.then(|| applied.next()).flatten()) {
+            .map(|ok| match (ok, *ok && applied.next() == Some(true)) {
                 (false, _) => b'2',
-                (true, Some(true)) => b'1',
-                _ => b'0',
+                (true, true) => b'1',
+                (true, false) => b'0',
             })
             .collect();
         let total = i64::try_from(total).unwrap_or(i64::MAX);
